@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One-command install: creates .venv in this checkout with the `datasteer` command in it.
+#
+# torch is pinned in the same pip command as everything else so that pip takes the CPU
+# build that lies on disk here (an open range would pull a multi-GB CUDA build). Override
+# with TORCH_SPEC, e.g. TORCH_SPEC="torch==2.13.0" or an index URL of your choice.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3.11}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -e ".[llamafactory,dev]" "$TORCH_SPEC"
+
+# LLaMA-Factory pulls torchvision and torchaudio builds that do not load beside this torch.
+# Nothing here needs torchvision: remove it. torchaudio is imported by LLaMA-Factory's
+# multimodal code paths; its pure-Python part imports once its native libraries are gone.
+.venv/bin/python -m pip uninstall --quiet -y torchvision 2>/dev/null || true
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+rm -f "$site"/torchaudio/lib/*.so
+
+.venv/bin/python -c 'import torch, transformers, llamafactory, datasteer; print(
+    f"datasteer {datasteer.__version__}: torch {torch.__version__}, transformers {transformers.__version__}, "
+    f"llamafactory {llamafactory.__version__}")'
