@@ -1,0 +1,269 @@
+"""Strict configuration: dataclasses parsed from plain dicts (YAML), with clear errors.
+
+A run is one YAML file: the training framework's own keys, unchanged, plus one
+``datasteer:`` block parsed into :class:`SteeringConfig`. Each algorithm declares its
+parameters as a dataclass; :func:`parse_dataclass` fills it from a dict and rejects
+unknown keys, wrong types and impossible values with one :class:`ConfigError` that names
+the key (``datasteer.params.alpha``) and what is allowed. Nothing is silently dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+import yaml
+
+from datasteer.errors import ConfigError
+
+T = TypeVar("T")
+
+PARADIGMS = ("select", "mix", "weight")
+
+
+def doc(text: str, **kwargs: Any) -> Any:
+    """A dataclass ``field`` that carries its help text (shown by ``datasteer list``)."""
+    metadata = {"help": text}
+    return field(metadata=metadata, **kwargs)
+
+
+def _suggest(key: str, allowed: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, list(allowed), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in get_args(tp))
+    if origin is not None:
+        args = ", ".join(_type_name(a) for a in get_args(tp) if a is not Ellipsis)
+        return f"{getattr(origin, '__name__', str(origin))}[{args}]"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert lists/ints where lossless."""
+    if tp is Any:
+        return value
+    origin = get_origin(tp)
+    if origin is Literal:
+        if value not in get_args(tp):
+            allowed = ", ".join(repr(a) for a in get_args(tp))
+            raise ConfigError(f"{where}: {value!r} is not allowed; choose one of {allowed}")
+        return value
+    if origin in (Union, types.UnionType):
+        errors = []
+        for arg in get_args(tp):
+            if arg is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as err:
+                errors.append(err)
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin in (list, tuple, Sequence):
+        if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+            raise ConfigError(f"{where}: expected a list ({_type_name(tp)}), got {value!r}")
+        args = get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
+            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(args, value, strict=True)))
+        item = args[0] if args else Any
+        items = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        ktp, vtp = get_args(tp) or (Any, Any)
+        return {_coerce(k, ktp, where): _coerce(v, vtp, f"{where}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        return parse_dataclass(tp, value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def parse_dataclass(cls: type[T], data: Any, where: str) -> T:
+    """Build dataclass ``cls`` from a mapping, strictly.
+
+    Args:
+        cls: the dataclass type.
+        data: a mapping (``None`` means empty).
+        where: the dotted path of ``data`` in the config, used in error messages.
+
+    Raises:
+        ConfigError: on an unknown key, a missing required key, a value of the wrong type,
+            or a value rejected by the dataclass's ``__post_init__``.
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of keys to values, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            allowed = ", ".join(fields) or "(none)"
+            raise ConfigError(f"{where}.{key}: unknown key{_suggest(str(key), list(fields))}; allowed: {allowed}")
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
+    for name, f in fields.items():
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and name not in kwargs:
+            raise ConfigError(f"{where}.{name}: required key is missing")
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{where}.{err}") from None
+
+
+def field_help(cls: type) -> list[tuple[str, str, Any, str]]:
+    """(name, type, default, help) of each field of a params dataclass, for listings."""
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default: Any = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = "(required)"
+        rows.append((f.name, _type_name(hints[f.name]), default, f.metadata.get("help", "")))
+    return rows
+
+
+@dataclass
+class SteeringConfig:
+    """The ``datasteer:`` block of a run config."""
+
+    paradigm: Literal["select", "mix", "weight"] = doc("Which paradigm steers the run.")
+    algorithm: str = doc("Registry name of the algorithm (see `datasteer list`).")
+    params: Any = doc("The algorithm's own parameters (its params dataclass).", default=None)
+    warmup_steps: int = doc("Optimizer steps trained before the first update.", default=0)
+    update_every: int = doc("Optimizer steps between updates (select and mix).", default=1)
+    max_updates: int | None = doc("Stop updating after this many updates; the last stays in force.", default=None)
+    seed: int | None = doc("Seed of every steering draw; default: the training seed.", default=None)
+    lag: int | None = doc(
+        "Steps between deciding an update and the first step it shapes; default: what the data "
+        "loader's prefetching needs (1 without worker processes).",
+        default=None,
+    )
+    log_file: str = doc("Event log written in the output directory.", default="steering.jsonl")
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if self.update_every < 1:
+            raise ConfigError(f"update_every: must be >= 1 (steps between updates), got {self.update_every}")
+        if self.max_updates is not None and self.max_updates < 1:
+            raise ConfigError(f"max_updates: must be >= 1 or null, got {self.max_updates}")
+        if self.lag is not None and self.lag < 1:
+            raise ConfigError(f"lag: must be >= 1 (a plan cannot shape a batch already drawn), got {self.lag}")
+        if self.paradigm == "weight" and (self.update_every != 1 or self.max_updates is not None):
+            raise ConfigError(
+                "update_every: weighting acts at every step; remove update_every/max_updates "
+                "(they apply to select and mix)"
+            )
+
+
+def load_steering(data: Any, where: str = "datasteer") -> SteeringConfig:
+    """Parse and validate a ``datasteer:`` block, including the algorithm's params.
+
+    After this returns, ``config.params`` is an instance of the algorithm's params
+    dataclass.
+    """
+    from datasteer.registry import registry_for
+
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping with at least 'paradigm' and 'algorithm', got {data!r}")
+    raw = dict(data)
+    raw_params = raw.pop("params", None)
+    config = parse_dataclass(SteeringConfig, raw, where)
+    spec = registry_for(config.paradigm).get(config.algorithm, where=f"{where}.algorithm")
+    config.params = parse_dataclass(spec.params_cls, raw_params, f"{where}.params")
+    return config
+
+
+def parse_scalar(text: str) -> Any:
+    """Parse a command-line value: YAML scalars and lists, plus ``1e-4`` style floats."""
+    value = yaml.safe_load(text) if text.strip() else ""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def apply_overrides(config: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``key=value`` overrides (dotted keys reach nested blocks) to a copy of config."""
+    result = _deep_copy(config)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{item}: overrides are written key=value, e.g. datasteer.params.alpha=0.5")
+        node = result
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"{key}: '{part}' is not a block, cannot set a key inside it")
+            node = child
+        node[parts[-1]] = parse_scalar(text)
+    return result
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a run config file; a missing file or a non-mapping document is a ConfigError."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err.__class__.__name__})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of keys to values")
+    return data

@@ -1,0 +1,55 @@
+"""Thin helpers over ``torch.distributed`` that degrade to no-ops in one process.
+
+Only the controller and the model operations call these; algorithms never do.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+def is_distributed() -> bool:
+    """True when a process group with more than one rank is running."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    """Number of ranks (1 without a process group)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def _device() -> torch.device:
+    # NCCL reduces only CUDA tensors; gloo only CPU ones.
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """Rank ``src``'s ``obj`` on every rank (pickled; for small plans and records)."""
+    if not is_distributed():
+        return obj
+    box: list[Any] = [obj]
+    dist.broadcast_object_list(box, src=src)
+    result: T = box[0]
+    return result
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Reduce ``tensor`` over ranks (``sum``, ``min`` or ``max``); returns a new CPU tensor."""
+    if not is_distributed():
+        return tensor.clone()
+    ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+    work = tensor.detach().to(_device(), copy=True)
+    dist.all_reduce(work, op=ops[op])
+    return work.cpu()

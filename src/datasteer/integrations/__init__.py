@@ -1,0 +1,1 @@
+"""Integrations with training frameworks (the only place that touches their internals)."""

@@ -1,0 +1,306 @@
+"""Steering for the Hugging Face ``Trainer`` (and subclasses such as TRL's ``SFTTrainer``).
+
+    class SteeringTrainer(SteeringMixin, Trainer): ...
+    trainer = SteeringTrainer(model=..., args=..., train_dataset=ds, data_collator=...,
+                              steering={"paradigm": "mix", "algorithm": "static"})
+
+The mixin overrides only ``_get_train_sampler`` (to serve the steering stream) and
+``compute_loss`` (to apply per-sample weights from the same forward pass), wraps
+``train`` to note the checkpoint a run resumes from, and adds a :class:`SteeringCallback`
+for updates, logging and checkpoints. The training loop itself is the Trainer's own.
+
+Loss normalisation when weighting: each micro-batch returns ``sum_i w_i l_i / b`` where
+``l_i`` is sample i's token-mean loss and ``b`` the micro-batch size, divided by the
+number of accumulation micro-batches (here or by the Trainer, whichever the Trainer's
+``num_items_in_batch`` logic says), and DDP averages over ranks; the step's gradient is
+that of ``(1/B) sum_i w_i l_i`` over the global batch, so 1x4 and 4x1 accumulation agree.
+Without weighting the Trainer's own loss (token mean over the step) is used unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from datasteer.config import SteeringConfig, load_steering
+from datasteer.controller import SteeringController
+from datasteer.errors import ConfigError, SteeringStateError
+from datasteer.ops import INDEX_KEY, ModelOps, per_sample_loss
+from datasteer.runlog import RunLog
+
+logger = logging.getLogger(__name__)
+
+#: File holding the steering state inside each checkpoint folder.
+STATE_FILE = "steering_state.pt"
+#: Dataset column read as the domain of each training row (when no ``domains`` are given).
+DOMAIN_COLUMN = "domain"
+
+
+class IndexCollator:
+    """Moves each row's pool index out of the features into ``batch[INDEX_KEY]``.
+
+    Wraps the run's own collator, which never sees the index.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __call__(self, features: list[Any]) -> Any:
+        if not features or not isinstance(features[0], Mapping) or INDEX_KEY not in features[0]:
+            return self.inner(features)
+        rows = [dict(f) for f in features]
+        indices = torch.tensor([row.pop(INDEX_KEY) for row in rows], dtype=torch.long)
+        batch = self.inner(rows)
+        batch[INDEX_KEY] = indices
+        return batch
+
+
+class _IndexedDataset(torch.utils.data.Dataset):
+    """A map-style dataset whose rows (dicts) also carry their index."""
+
+    def __init__(self, base: Any) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = self.base[i]
+        if not isinstance(row, Mapping):
+            raise TypeError("steering needs dataset rows that are dicts")
+        return {**row, INDEX_KEY: i}
+
+
+def resolve_domains(
+    dataset: Any, domains: Sequence[Any] | None, domain_names: Sequence[str] | None
+) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Domain id of each training row and the domain names.
+
+    From ``domains`` (one label per row: ints with ``domain_names``, or names), else from
+    the dataset's ``domain`` column, else one domain named ``all``.
+    """
+    if domains is None and DOMAIN_COLUMN in (getattr(dataset, "column_names", None) or []):
+        domains = list(dataset[DOMAIN_COLUMN])
+    if domains is None:
+        return np.zeros(len(dataset), dtype=np.int64), tuple(domain_names or ("all",))
+    labels = list(domains)
+    if len(labels) != len(dataset):
+        raise ConfigError(f"domains: {len(labels)} labels for a training set of {len(dataset)} rows")
+    if all(isinstance(v, int | np.integer) for v in labels) and domain_names is not None:
+        ids = np.asarray(labels, dtype=np.int64)
+        if ids.min() < 0 or ids.max() >= len(domain_names):
+            raise ConfigError(f"domains: ids must lie in [0, {len(domain_names)})")
+        return ids, tuple(domain_names)
+    names = list(domain_names) if domain_names is not None else list(dict.fromkeys(str(v) for v in labels))
+    lookup = {n: i for i, n in enumerate(names)}
+    missing = sorted({str(v) for v in labels} - set(lookup))
+    if missing:
+        raise ConfigError(f"domains: labels {missing} are not in domain_names {names}")
+    return np.asarray([lookup[str(v)] for v in labels], dtype=np.int64), tuple(names)
+
+
+def auto_lag(num_workers: int, prefetch_factor: int | None, grad_accum: int) -> int:
+    """Steps of look-ahead the data loader may have drawn when a step ends.
+
+    Accelerate prefetches one micro-batch; worker processes prefetch
+    ``num_workers * prefetch_factor`` more.
+    """
+    ahead = 1 + (num_workers * (prefetch_factor or 2) if num_workers > 0 else 0)
+    return max(1, math.ceil(ahead / grad_accum))
+
+
+class SteeringMixin:
+    """Adds data steering to a ``transformers.Trainer`` subclass (put it first in the bases).
+
+    Args (keyword, besides the Trainer's own):
+        steering: the ``datasteer:`` block (a mapping or a parsed :class:`SteeringConfig`);
+            ``None`` leaves the Trainer unchanged.
+        domains: one domain label per training row (default: the ``domain`` column).
+        domain_names: the domain names, in proportion order (default: order of appearance).
+    """
+
+    steering: SteeringController | None
+
+    def __init__(
+        self,
+        *args: Any,
+        steering: SteeringConfig | Mapping[str, Any] | None = None,
+        domains: Sequence[Any] | None = None,
+        domain_names: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.steering = None
+        self._steering_resume: str | None = None
+        self.steering_config: SteeringConfig | None = None
+        if steering is None:
+            return
+        config = steering if isinstance(steering, SteeringConfig) else load_steering(steering)
+        self.steering_config = config
+        trainer: Any = self
+        args_ = trainer.args
+        dataset = trainer.train_dataset
+        if dataset is None or isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
+            raise ConfigError("datasteer: steering needs a map-style training dataset with a length")
+        if getattr(args_, "train_sampling_strategy", "random") == "group_by_length" or getattr(
+            args_, "group_by_length", False
+        ):
+            raise ConfigError(
+                "group_by_length: cannot be combined with datasteer (the steering sampler orders the data)"
+            )
+        if args_.ignore_data_skip:
+            raise ConfigError("ignore_data_skip: datasteer resumes exactly; set ignore_data_skip: false")
+        self._steering_domains, self._steering_domain_names = resolve_domains(dataset, domains, domain_names)
+        if hasattr(dataset, "column_names") and hasattr(dataset, "add_column"):
+            if DOMAIN_COLUMN in dataset.column_names:
+                dataset = dataset.remove_columns(DOMAIN_COLUMN)
+            trainer.train_dataset = dataset.add_column(INDEX_KEY, np.arange(len(dataset)))
+        else:
+            trainer.train_dataset = _IndexedDataset(dataset)
+        trainer.data_collator = IndexCollator(trainer.data_collator)
+        trainer._set_signature_columns_if_needed()
+        if INDEX_KEY not in trainer._signature_columns:
+            trainer._signature_columns.append(INDEX_KEY)
+        self._steering_seed = config.seed if config.seed is not None else args_.seed
+        trainer.add_callback(SteeringCallback(self))
+
+    # -- overrides --------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's ``train``; notes which checkpoint's steering state to restore."""
+        trainer: Any = self
+        if resume_from_checkpoint is True:
+            self._steering_resume = get_last_checkpoint(trainer.args.output_dir)
+        elif isinstance(resume_from_checkpoint, str | os.PathLike):
+            self._steering_resume = str(resume_from_checkpoint)
+        else:
+            self._steering_resume = None
+        return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        trainer: Any = self
+        base = super()._get_train_sampler(train_dataset)  # type: ignore[misc]
+        config = self.steering_config
+        if config is None:
+            return base
+        args_ = trainer.args
+        global_batch = trainer._train_batch_size * args_.gradient_accumulation_steps * args_.world_size
+        lag = config.lag or auto_lag(
+            args_.dataloader_num_workers, args_.dataloader_prefetch_factor, args_.gradient_accumulation_steps
+        )
+        log = RunLog(Path(args_.output_dir) / config.log_file, enabled=trainer.is_world_process_zero())
+        self.steering = SteeringController(
+            config,
+            domains=self._steering_domains,
+            domain_names=self._steering_domain_names,
+            global_batch=global_batch,
+            seed=self._steering_seed,
+            lag=lag,
+            log=log,
+        )
+        return self.steering.sampler if self.steering.sampler is not None else base
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        trainer: Any = self
+        indices = inputs.pop(INDEX_KEY, None)
+        ctl = self.steering
+        if ctl is None or indices is None or not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # type: ignore[misc]
+        ctl.observe(indices)
+        if not ctl.needs_sample_losses:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # type: ignore[misc]
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        losses, _ = per_sample_loss(outputs.logits, labels)
+        weights = ctl.sample_weights(trainer.state.global_step + 1, losses, indices)
+        loss = (weights * losses).sum() / losses.numel()
+        trainer_divides = (
+            not trainer.model_accepts_loss_kwargs or num_items_in_batch is None
+        ) and trainer.compute_loss_func is None
+        if not trainer_divides:
+            loss = loss / trainer.current_gradient_accumulation_steps
+        return (loss, outputs) if return_outputs else loss
+
+    # -- used by the callback ---------------------------------------------------------------
+    def _steering_ops(self, dataloader: Any) -> ModelOps:
+        trainer: Any = self
+        return ModelOps(
+            model=trainer.model,
+            dataset=dataloader.dataset,
+            collator=dataloader.collate_fn,
+            batch_size=trainer.args.per_device_eval_batch_size,
+            device=trainer.args.device,
+        )
+
+
+class SteeringCallback(TrainerCallback):
+    """Runs the controller at train begin and step end; saves/restores its state."""
+
+    def __init__(self, trainer: SteeringMixin) -> None:
+        self.trainer = trainer
+
+    def _ops(self, kwargs: dict[str, Any]) -> Any:
+        loader = kwargs.get("train_dataloader")
+        return (lambda: self.trainer._steering_ops(loader)) if loader is not None else None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        ctl = self.trainer.steering
+        if ctl is None:
+            return
+        path = self.trainer._steering_resume
+        if path is not None:
+            file = Path(path) / STATE_FILE
+            if not file.is_file():
+                raise SteeringStateError(
+                    f"{path}: the checkpoint has no {STATE_FILE}; it was not saved by a steered run"
+                )
+            ctl.load_state_dict(torch.load(file, weights_only=True))
+            if ctl._resumed_at != state.global_step:
+                raise SteeringStateError(
+                    f"{file} is for step {ctl._resumed_at}, the Trainer resumed at step {state.global_step}"
+                )
+        self._publish(ctl.begin(state.max_steps, self._ops(kwargs)), args, state)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        ctl = self.trainer.steering
+        if ctl is not None:
+            self._publish(ctl.step_end(state.global_step, self._ops(kwargs)), args, state)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        ctl = self.trainer.steering
+        if ctl is None:
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        payload = ctl.state_dict(state.global_step)
+        if args.should_save and folder.is_dir():
+            torch.save(payload, folder / STATE_FILE)
+
+    def _publish(self, events: list[dict[str, Any]], args: Any, state: Any) -> None:
+        """Send each event's numbers through the Trainer's ``log`` (TensorBoard, W&B, ...)."""
+        for event in events:
+            logs: dict[str, float] = {"steering/seconds": float(event["seconds"])}
+            if "proportions" in event:
+                logs.update({f"steering/p_{k}": float(v) for k, v in event["proportions"].items()})
+            if "selected" in event:
+                logs.update({"steering/selected": float(event["selected"]), "steering/unique": float(event["unique"])})
+            if "weight_mean" in event:
+                every = max(1, int(args.logging_steps)) if args.logging_steps >= 1 else 1
+                if state.global_step % every:
+                    continue
+                logs.update({f"steering/{k}": float(event[k]) for k in ("weight_mean", "weight_min", "weight_max")})
+            trainer: Any = self.trainer
+            trainer.log(logs)
