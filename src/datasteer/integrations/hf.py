@@ -81,7 +81,7 @@ class _IndexedDataset(torch.utils.data.Dataset):
 
 
 def resolve_domains(
-    dataset: Any, domains: Sequence[Any] | None, domain_names: Sequence[str] | None
+    dataset: Any, domains: Sequence[Any] | np.ndarray | None, domain_names: Sequence[str] | None
 ) -> tuple[np.ndarray, tuple[str, ...]]:
     """Domain id of each training row and the domain names.
 
@@ -134,7 +134,7 @@ class SteeringMixin:
         self,
         *args: Any,
         steering: SteeringConfig | Mapping[str, Any] | None = None,
-        domains: Sequence[Any] | None = None,
+        domains: Sequence[Any] | np.ndarray | None = None,
         domain_names: Sequence[str] | None = None,
         **kwargs: Any,
     ) -> None:

@@ -1,0 +1,189 @@
+"""LLaMA-Factory drop-in: ``datasteer train run.yaml`` runs LLaMA-Factory's own workflow.
+
+LLaMA-Factory's ``run_exp`` builds the tokenizer, data, model and trainer and runs
+training, evaluation, saving and plotting. datasteer changes exactly two names that its
+``pt`` and ``sft`` workflows look up when they run, inside :func:`steered_workflow` (the
+one place that touches LLaMA-Factory, checked against the supported version):
+
+* ``get_dataset`` loads each dataset of ``dataset: a,b,c`` on its own through the
+  original function and concatenates them, so each dataset is a domain whose rows are
+  known (and pre-training packing never mixes domains in one row); evaluation sets from
+  ``val_size`` are kept per domain, so the Trainer reports ``eval_<domain>_loss``.
+* the trainer class becomes ``SteeringMixin`` + LLaMA-Factory's own trainer.
+
+Nothing of LLaMA-Factory is copied; without a ``datasteer:`` block nothing is patched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from datasteer.config import SteeringConfig
+from datasteer.errors import ConfigError
+from datasteer.integrations.hf import SteeringMixin
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_VERSIONS = ("0.9.5",)
+STAGES = ("pt", "sft")
+
+
+@dataclass
+class _Domains:
+    """Domain labels of the concatenated training set, filled by the data loader."""
+
+    names: tuple[str, ...] = ()
+    ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+
+def check_version() -> str:
+    """LLaMA-Factory's version; ConfigError if it is not one this integration supports."""
+    import llamafactory
+
+    version: str = llamafactory.__version__
+    if version not in SUPPORTED_VERSIONS:
+        raise ConfigError(
+            f"llamafactory {version} is installed; datasteer supports {', '.join(SUPPORTED_VERSIONS)} "
+            f"(pip install llamafactory=={SUPPORTED_VERSIONS[-1]})"
+        )
+    return version
+
+
+def validate(args: dict[str, Any], steering: SteeringConfig) -> Any:
+    """Parse the LLaMA-Factory keys with its own parser and check they suit steering.
+
+    Runs before any model or data is loaded. Returns LLaMA-Factory's parsed argument tuple.
+    """
+    check_version()
+    from llamafactory.hparams import get_train_args
+
+    try:
+        model_args, data_args, training_args, finetuning_args, generating_args = get_train_args(dict(args))
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"LLaMA-Factory config: {str(err).splitlines()[0]}") from None
+    if finetuning_args.stage not in STAGES:
+        raise ConfigError(f"stage: datasteer steers stages {', '.join(STAGES)}, got {finetuning_args.stage!r}")
+    if not training_args.do_train:
+        raise ConfigError("do_train: a steered run must train; set do_train: true")
+    if not data_args.dataset:
+        raise ConfigError("dataset: name at least one training dataset")
+    if data_args.streaming:
+        raise ConfigError("streaming: steering needs a map-style dataset; set streaming: false")
+    if data_args.mix_strategy != "concat":
+        raise ConfigError("mix_strategy: datasteer mixes the datasets itself; use mix_strategy: concat")
+    if data_args.tokenized_path is not None:
+        raise ConfigError("tokenized_path: not supported with steering (datasets are loaded per domain)")
+    if steering.paradigm == "weight" and (
+        finetuning_args.use_dft_loss or finetuning_args.use_eaft_loss or finetuning_args.use_asft_loss
+    ):
+        raise ConfigError("use_dft_loss/use_eaft_loss/use_asft_loss: cannot be combined with a weight paradigm")
+    from datasteer.mixers.base import Mixer
+    from datasteer.registry import registry_for
+
+    algorithm = registry_for(steering.paradigm).build(steering.algorithm, steering.params)
+    if isinstance(algorithm, Mixer):
+        algorithm.check_domains(list(data_args.dataset))
+    return model_args, data_args, training_args, finetuning_args, generating_args
+
+
+def _per_domain_loader(original: Any, domains: _Domains) -> Any:
+    """Wrap LLaMA-Factory's ``get_dataset``: one call per dataset, then concatenate."""
+    from datasets import concatenate_datasets
+
+    def get_dataset(
+        template: Any,
+        model_args: Any,
+        data_args: Any,
+        training_args: Any,
+        stage: str,
+        tokenizer: Any,
+        processor: Any = None,
+    ) -> dict[str, Any]:
+        names = list(data_args.dataset)
+        trains, evals = [], {}
+        for name in names:
+            sub = copy.copy(data_args)
+            sub.dataset, sub.eval_dataset = [name], None
+            module = original(template, model_args, sub, training_args, stage, tokenizer, processor)
+            trains.append(module["train_dataset"])
+            if "eval_dataset" in module:
+                evals[name] = module["eval_dataset"]
+            logger.info("datasteer: domain %r has %d training rows", name, len(module["train_dataset"]))
+        if data_args.eval_dataset:
+            sub = copy.copy(data_args)
+            sub.dataset = None
+            extra = original(template, model_args, sub, training_args, stage, tokenizer, processor)["eval_dataset"]
+            if isinstance(extra, dict):
+                evals.update(extra)
+            else:
+                evals["eval"] = extra
+        empty = [n for n, ds in zip(names, trains, strict=True) if len(ds) == 0]
+        if empty:
+            raise ConfigError(f"dataset: domains {empty} have no training rows after preprocessing")
+        domains.names = tuple(names)
+        domains.ids = np.concatenate([np.full(len(ds), k, dtype=np.int64) for k, ds in enumerate(trains)])
+        result: dict[str, Any] = {"train_dataset": concatenate_datasets(trains)}
+        if evals:
+            result["eval_dataset"] = evals if len(evals) > 1 else next(iter(evals.values()))
+        return result
+
+    return get_dataset
+
+
+def _steered_trainer(base: type, steering: SteeringConfig, domains: _Domains) -> type:
+    """``SteeringMixin`` + LLaMA-Factory's trainer, bound to this run's steering and domains."""
+
+    class SteeredTrainer(SteeringMixin, base):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(steering=steering, domains=domains.ids, domain_names=domains.names, **kwargs)
+
+    SteeredTrainer.__name__ = SteeredTrainer.__qualname__ = f"Steered{base.__name__}"
+    return SteeredTrainer
+
+
+@contextlib.contextmanager
+def steered_workflow(steering: SteeringConfig) -> Iterator[None]:
+    """Within this block, LLaMA-Factory's pt and sft workflows train with steering.
+
+    This is the single patch of LLaMA-Factory: it swaps the ``get_dataset`` and trainer
+    names that ``llamafactory.train.{pt,sft}.workflow`` look up, and restores them on exit.
+    """
+    check_version()
+    from llamafactory.train.pt import workflow as pt_workflow
+    from llamafactory.train.sft import workflow as sft_workflow
+
+    domains = _Domains()
+    swaps = [
+        (pt_workflow, "get_dataset", _per_domain_loader(pt_workflow.get_dataset, domains)),
+        (sft_workflow, "get_dataset", _per_domain_loader(sft_workflow.get_dataset, domains)),
+        (pt_workflow, "CustomTrainer", _steered_trainer(pt_workflow.CustomTrainer, steering, domains)),
+        (sft_workflow, "CustomSeq2SeqTrainer", _steered_trainer(sft_workflow.CustomSeq2SeqTrainer, steering, domains)),
+    ]
+    saved = [(module, name, getattr(module, name)) for module, name, _ in swaps]
+    try:
+        for module, name, value in swaps:
+            setattr(module, name, value)
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
+def run(args: dict[str, Any], steering: SteeringConfig | None) -> None:
+    """Run LLaMA-Factory's training with ``args`` (its own keys) and optional steering."""
+    check_version()
+    from llamafactory.train.tuner import run_exp
+
+    if steering is None:
+        run_exp(args=dict(args))
+        return
+    validate(args, steering)
+    with steered_workflow(steering):
+        run_exp(args=dict(args))
