@@ -152,7 +152,8 @@ class SteeringController:
         events = []
         if isinstance(self.algorithm, Mixer):
             assert isinstance(self.sampler, MixtureSampler)
-            warmup_end = self.schedule.first_step(0) - 1
+            adaptive = self.algorithm.adaptive
+            warmup_end = self.schedule.first_step(0) - 1 if adaptive else max_steps
             ctx = self._mix_context(update=-1, step=0, first=1, last=warmup_end, ops=None)
             props = dist.broadcast_object(self._check_proportions(self.algorithm.initial(ctx)))
             self.sampler.add_plan(1, props)
@@ -166,6 +167,8 @@ class SteeringController:
         events = []
         if isinstance(self.algorithm, Weighter):
             return self._weight_event(step) if step > 0 else []
+        if isinstance(self.algorithm, Mixer) and not self.algorithm.adaptive:
+            return events
         for update in self.schedule.updates_decided_at(step, self.max_steps):
             events.append(self._update(update, step, ops))
         return events

@@ -6,7 +6,7 @@ import math
 from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
@@ -64,6 +64,9 @@ class MixContext:
 
 class Mixer(Algorithm):
     """Sets the proportions of each domain in the batches until the next update."""
+
+    #: False for mixers whose proportions never change: the controller then skips updates.
+    adaptive: ClassVar[bool] = True
 
     def check_domains(self, domain_names: Sequence[str]) -> None:
         """Validate params that depend on the domains (e.g. their number); ConfigError if not."""

@@ -33,6 +33,7 @@ class StaticMixer(Mixer):
     """
 
     Params = StaticParams
+    adaptive = False
 
     def check_domains(self, domain_names: Sequence[str]) -> None:
         if self.params.proportions is not None:

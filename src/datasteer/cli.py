@@ -1,0 +1,139 @@
+"""The ``datasteer`` command: train, list, assets, quickstart, version.
+
+A bad configuration prints one line saying what is wrong and how to fix it, exits with
+code 2, and writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from datasteer import __version__
+from datasteer.errors import ConfigError
+
+EXIT_CONFIG = 2
+
+
+def _fail(message: str) -> int:
+    print(f"datasteer: error: {message}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def prepare_run(config_path: str, overrides: Sequence[str]) -> tuple[dict[str, Any], Any]:
+    """Read a run YAML, apply overrides, validate the ``datasteer:`` block, resolve builtins.
+
+    Returns ``(framework_args, steering_config_or_None)``; raises ConfigError.
+    """
+    from datasteer.config import apply_overrides, load_steering, read_yaml
+
+    data = apply_overrides(read_yaml(config_path), overrides)
+    block = data.pop("datasteer", None)
+    steering = load_steering(block) if block is not None else None
+    for key, value in list(data.items()):
+        if isinstance(value, str) and value.startswith("builtin:"):
+            from datasteer.assets import resolve_builtin
+
+            try:
+                data[key] = resolve_builtin(value)
+            except ValueError as err:
+                raise ConfigError(f"{key}: {err}") from None
+    return data, steering
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    try:
+        args, steering = prepare_run(ns.config, ns.overrides)
+        from datasteer.integrations import llamafactory
+
+        if steering is not None:
+            llamafactory.validate(args, steering)
+        else:
+            llamafactory.check_version()
+    except ConfigError as err:
+        return _fail(str(err))
+    llamafactory.run(args, steering)
+    return 0
+
+
+def cmd_list(ns: argparse.Namespace) -> int:
+    from datasteer.config import field_help
+    from datasteer.registry import registry_for
+
+    paradigms = [ns.paradigm] if ns.paradigm else ["select", "mix", "weight"]
+    for paradigm in paradigms:
+        print(f"{paradigm}:")
+        for spec in registry_for(paradigm):
+            print(f"  {spec.name:<12} {spec.summary}")
+            for name, type_name, default, help_text in field_help(spec.params_cls):
+                print(f"      {name}: {type_name} = {default!r}  {help_text}")
+        print()
+    return 0
+
+
+def cmd_assets(ns: argparse.Namespace) -> int:
+    from datasteer.assets import build_all
+
+    for name, path in build_all(force=ns.force).items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_quickstart(ns: argparse.Namespace) -> int:
+    from datasteer.quickstart import run_quickstart
+
+    try:
+        return run_quickstart(output_dir=Path(ns.output_dir), steps=ns.steps, mixer=ns.mixer)
+    except ConfigError as err:
+        return _fail(str(err))
+
+
+def cmd_version(ns: argparse.Namespace) -> int:
+    print(f"datasteer {__version__}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="datasteer", description="Steer which data an LLM trains on while it trains.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train with LLaMA-Factory, steered by the config's datasteer: block")
+    p.add_argument("config", help="run YAML: LLaMA-Factory keys plus an optional datasteer: block")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. datasteer.params.alpha=0.5")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("list", help="list the algorithms of each paradigm with their parameters")
+    p.add_argument("paradigm", nargs="?", choices=["select", "mix", "weight"])
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("assets", help="build the built-in corpus and tiny model (done on first use otherwise)")
+    p.add_argument("--force", action="store_true", help="rebuild even if present")
+    p.set_defaults(func=cmd_assets)
+
+    p = sub.add_parser("quickstart", help="train the tiny model with a dynamic and a uniform mixture, compare")
+    p.add_argument("--output-dir", default="outputs/quickstart", help="where the two runs go")
+    p.add_argument("--steps", type=int, default=150, help="optimizer steps per run")
+    p.add_argument("--mixer", default="scheduled", help="the dynamic mixer's example (examples/quickstart/)")
+    p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("version", help="print the version")
+    p.set_defaults(func=cmd_version)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``datasteer`` command."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    ns = build_parser().parse_args(argv)
+    code: int = ns.func(ns)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
