@@ -149,7 +149,7 @@ class SteeringController:
             return []
         if self.log is not None:
             self.log.start_fresh()
-        events = []
+        events: list[dict[str, Any]] = []
         if isinstance(self.algorithm, Mixer):
             assert isinstance(self.sampler, MixtureSampler)
             adaptive = self.algorithm.adaptive
@@ -164,14 +164,11 @@ class SteeringController:
 
     def step_end(self, step: int, ops: Callable[[], ModelOps] | None = None) -> list[dict[str, Any]]:
         """After optimizer step ``step`` (0: train begin): compute the updates due now."""
-        events = []
         if isinstance(self.algorithm, Weighter):
             return self._weight_event(step) if step > 0 else []
         if isinstance(self.algorithm, Mixer) and not self.algorithm.adaptive:
-            return events
-        for update in self.schedule.updates_decided_at(step, self.max_steps):
-            events.append(self._update(update, step, ops))
-        return events
+            return []
+        return [self._update(update, step, ops) for update in self.schedule.updates_decided_at(step, self.max_steps)]
 
     def _update(self, update: int, step: int, ops: Callable[[], ModelOps] | None) -> dict[str, Any]:
         first = self.schedule.first_step(update)
