@@ -91,6 +91,9 @@ def cmd_quickstart(ns: argparse.Namespace) -> int:
         return run_quickstart(output_dir=Path(ns.output_dir), steps=ns.steps, mixer=ns.mixer)
     except ConfigError as err:
         return _fail(str(err))
+    except RuntimeError as err:
+        print(f"datasteer: quickstart failed: {err}", file=sys.stderr)
+        return 1
 
 
 def cmd_version(ns: argparse.Namespace) -> int:

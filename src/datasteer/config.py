@@ -81,7 +81,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
                 raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
-            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(args, value, strict=True)))
+            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
         item = args[0] if args else Any
         items = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
@@ -214,8 +214,17 @@ def load_steering(data: Any, where: str = "datasteer") -> SteeringConfig:
     return config
 
 
+_YAML11_BOOLEAN_WORDS = frozenset({"y", "n", "yes", "no", "on", "off"})
+
+
 def parse_scalar(text: str) -> Any:
-    """Parse a command-line value: YAML scalars and lists, plus ``1e-4`` style floats."""
+    """Parse a command-line value: YAML scalars and lists, plus ``1e-4`` style floats.
+
+    Only ``true``/``false`` are booleans: ``no``, ``off``, ``yes`` and ``on`` stay strings
+    (``save_strategy=no`` means the string ``"no"``, not YAML 1.1's ``False``).
+    """
+    if text.strip().lower() in _YAML11_BOOLEAN_WORDS:
+        return text
     value = yaml.safe_load(text) if text.strip() else ""
     if isinstance(value, str):
         try:
