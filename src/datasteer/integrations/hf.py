@@ -138,6 +138,11 @@ class SteeringMixin:
         domain_names: Sequence[str] | None = None,
         **kwargs: Any,
     ) -> None:
+        # Domains are read before the Trainer (e.g. TRL's) processes the dataset, which may
+        # drop the domain column; the row count must survive that processing.
+        raw = kwargs.get("train_dataset")
+        if steering is not None and raw is not None and hasattr(raw, "__len__"):
+            resolved = resolve_domains(raw, domains, domain_names)
         super().__init__(*args, **kwargs)
         self.steering = None
         self._steering_resume: str | None = None
@@ -151,6 +156,13 @@ class SteeringMixin:
         dataset = trainer.train_dataset
         if dataset is None or isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
             raise ConfigError("datasteer: steering needs a map-style training dataset with a length")
+        if raw is None:
+            resolved = resolve_domains(dataset, domains, domain_names)
+        if len(resolved[0]) != len(dataset):
+            raise ConfigError(
+                f"domains: the trainer turned {len(resolved[0])} training rows into {len(dataset)} "
+                "(packing?); disable it or pass one domain label per processed row as domains="
+            )
         if getattr(args_, "train_sampling_strategy", "random") == "group_by_length" or getattr(
             args_, "group_by_length", False
         ):
@@ -159,7 +171,7 @@ class SteeringMixin:
             )
         if args_.ignore_data_skip:
             raise ConfigError("ignore_data_skip: datasteer resumes exactly; set ignore_data_skip: false")
-        self._steering_domains, self._steering_domain_names = resolve_domains(dataset, domains, domain_names)
+        self._steering_domains, self._steering_domain_names = resolved
         if hasattr(dataset, "column_names") and hasattr(dataset, "add_column"):
             if DOMAIN_COLUMN in dataset.column_names:
                 dataset = dataset.remove_columns(DOMAIN_COLUMN)

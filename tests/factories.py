@@ -1,0 +1,42 @@
+"""Tiny models and datasets built in process for the tests (no hub)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from datasets import Dataset
+from transformers import LlamaConfig, LlamaForCausalLM
+
+VOCAB = 64
+SEQ = 12
+DOMAINS = ("alpha", "beta", "gamma")
+
+
+def make_model(seed: int = 0) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
+
+
+def make_dataset(sizes: tuple[int, ...] = (40, 24, 16), seed: int = 0) -> Dataset:
+    """Fixed-length token rows; domain d draws tokens from its own vocabulary band."""
+    rng = np.random.default_rng(seed)
+    rows: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": [], "domain": []}
+    band = VOCAB // len(sizes)
+    for d, n in enumerate(sizes):
+        for _ in range(n):
+            ids = rng.integers(d * band, (d + 1) * band, size=SEQ).tolist()
+            rows["input_ids"].append(ids)
+            rows["attention_mask"].append([1] * SEQ)
+            rows["labels"].append(ids)
+            rows["domain"].append(DOMAINS[d])
+    return Dataset.from_dict(rows)
