@@ -35,6 +35,11 @@ def prepare_run(config_path: str, overrides: Sequence[str]) -> tuple[dict[str, A
     data = apply_overrides(read_yaml(config_path), overrides)
     block = data.pop("datasteer", None)
     steering = load_steering(block) if block is not None else None
+    if steering is not None and steering.paradigm == "mix":
+        from datasteer.registry import MIXERS
+
+        names = [n.strip() for n in str(data.get("dataset") or "").split(",") if n.strip()]
+        MIXERS.build(steering.algorithm, steering.params).check_domains(names)
     for key, value in list(data.items()):
         if isinstance(value, str) and value.startswith("builtin:"):
             from datasteer.assets import resolve_builtin
@@ -71,7 +76,7 @@ def cmd_list(ns: argparse.Namespace) -> int:
         for spec in registry_for(paradigm):
             print(f"  {spec.name:<12} {spec.summary}")
             for name, type_name, default, help_text in field_help(spec.params_cls):
-                print(f"      {name}: {type_name} = {default!r}  {help_text}")
+                print(f"      {name}: {type_name} = {default}  {help_text}")
         print()
     return 0
 

@@ -147,15 +147,15 @@ def parse_dataclass(cls: type[T], data: Any, where: str) -> T:
         raise ConfigError(f"{where}.{err}") from None
 
 
-def field_help(cls: type) -> list[tuple[str, str, Any, str]]:
-    """(name, type, default, help) of each field of a params dataclass, for listings."""
+def field_help(cls: type) -> list[tuple[str, str, str, str]]:
+    """(name, type, default as text, help) of each field of a params dataclass, for listings."""
     hints = typing.get_type_hints(cls)
     rows = []
     for f in dataclasses.fields(cls):
         if f.default is not dataclasses.MISSING:
-            default: Any = f.default
+            default = repr(f.default)
         elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
+            default = repr(f.default_factory())
         else:
             default = "(required)"
         rows.append((f.name, _type_name(hints[f.name]), default, f.metadata.get("help", "")))
