@@ -12,7 +12,7 @@ import pytest
 from datasets import Dataset
 from transformers import LlamaForCausalLM
 
-from factories import make_dataset, make_model
+from tests.factories import make_dataset, make_model
 
 
 @pytest.fixture

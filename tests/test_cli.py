@@ -60,7 +60,10 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     ("changes", "message"),
     [
         ({"datasteer.update_evry": 3}, "datasteer.update_evry: unknown key (did you mean 'update_every'?)"),
-        ({"datasteer.algorithm": "statc"}, "datasteer.algorithm: unknown mix algorithm 'statc' (did you mean 'static'?)"),
+        (
+            {"datasteer.algorithm": "statc"},
+            "datasteer.algorithm: unknown mix algorithm 'statc' (did you mean 'static'?)",
+        ),
         ({"datasteer.params.proportions": [0.5, 0.5]}, "expected 3 proportions (one per domain), got 2"),
         ({"datasteer.params.proportions": [0.5, 0.3, 0.3]}, "proportions must sum to 1"),
         ({"datasteer.update_every": 0}, "datasteer.update_every: must be >= 1"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -214,6 +215,7 @@ def load_steering(data: Any, where: str = "datasteer") -> SteeringConfig:
     return config
 
 
+_EXPONENT_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 _YAML11_BOOLEAN_WORDS = frozenset({"y", "n", "yes", "no", "on", "off"})
 
 
@@ -226,11 +228,8 @@ def parse_scalar(text: str) -> Any:
     if text.strip().lower() in _YAML11_BOOLEAN_WORDS:
         return text
     value = yaml.safe_load(text) if text.strip() else ""
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
+    if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
     return value
 
 

@@ -31,7 +31,7 @@ import torch
 
 from datasteer import dist
 from datasteer.config import SteeringConfig
-from datasteer.errors import SteeringStateError
+from datasteer.errors import ConfigError, SteeringStateError
 from datasteer.mixers.base import SUM_TOLERANCE, MixContext, Mixer
 from datasteer.ops import ModelOps
 from datasteer.registry import registry_for
@@ -128,6 +128,10 @@ class SteeringController:
         self.sampler: SteeringSampler | None = None
         if isinstance(self.algorithm, Mixer):
             self.algorithm.check_domains(self.domain_names)
+            sizes = np.bincount(self.domains, minlength=len(self.domain_names))
+            empty = [n for n, size in zip(self.domain_names, sizes, strict=True) if size == 0]
+            if empty:
+                raise ConfigError(f"dataset: domains {empty} have no training samples; a mixer needs every domain")
             self.sampler = MixtureSampler(self.domains, len(self.domain_names), global_batch, seed)
         elif isinstance(self.algorithm, Selector):
             self.sampler = SelectionSampler(len(self.domains), global_batch, seed)
@@ -266,18 +270,17 @@ class SteeringController:
         return weights
 
     def _weight_event(self, step: int) -> list[dict[str, Any]]:
-        if step <= self.config.warmup_steps:
-            self._served[:] = 0
-            return []
         s = self._weight_stats or [0.0, 0.0, float("inf"), float("-inf")]
         total = dist.all_reduce(torch.tensor(s[:2], dtype=torch.float64))
         low = dist.all_reduce(torch.tensor([s[2]], dtype=torch.float64), "min")
         high = dist.all_reduce(torch.tensor([s[3]], dtype=torch.float64), "max")
         self._weight_stats, self._micro = None, 0
+        if total[1] == 0:  # warm-up (weight 1), or no weighted batch on any rank
+            return []
         seconds, self._weight_seconds = self._weight_seconds, 0.0
         record = {
             "step": step,
-            "weight_mean": float(total[0] / total[1]) if total[1] > 0 else float("nan"),
+            "weight_mean": float(total[0] / total[1]),
             "weight_min": float(low[0]),
             "weight_max": float(high[0]),
             "seconds": round(seconds, 6),

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tests.factories import make_dataset, make_model
 from transformers import TrainerCallback, TrainingArguments, default_data_collator
 
 from datasteer.controller import digest
@@ -22,7 +23,6 @@ from datasteer.runlog import read_records
 from datasteer.selectors.base import SelectContext
 from datasteer.selectors.random import RandomSelector, RandomSelectParams
 from datasteer.weighters.base import WeightContext, Weighter
-from factories import make_dataset, make_model
 
 
 class RecordingTrainer(SteeringTrainer):

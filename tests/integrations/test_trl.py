@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 from datasets import Dataset
+from tests.factories import make_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from datasteer.hf import SteeringMixin
 from datasteer.runlog import read_records
-from factories import make_model
 
 trl = pytest.importorskip("trl")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +40,7 @@ class RandomSelector(Selector):
 
     def select(self, ctx: SelectContext) -> torch.Tensor:
         p: RandomSelectParams = self.params
-        n = ctx.num_samples if p.fraction is None else max(1, round(p.fraction * ctx.pool_size))
+        n = ctx.num_samples if p.fraction is None else max(1, math.floor(p.fraction * ctx.pool_size + 0.5))
         if p.replacement:
             return torch.randint(ctx.pool_size, (n,), generator=ctx.generator)
         # Without replacement: whole permutations, concatenated if more than the pool is asked for.

@@ -1,0 +1,71 @@
+"""One rank of a 2-process CPU (gloo) DDP run with steering; writes what it trained.
+
+Usage: python -m torch.distributed.run --nproc-per-node 2 ddp_worker.py OUT_DIR PARADIGM
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch.distributed as dist
+from tests.factories import make_dataset, make_model
+from transformers import TrainingArguments, default_data_collator
+
+from datasteer.hf import SteeringTrainer
+from datasteer.ops import INDEX_KEY
+
+STEERING = {
+    "mix": {"paradigm": "mix", "algorithm": "random", "update_every": 2, "seed": 9},
+    "select": {"paradigm": "select", "algorithm": "random", "warmup_steps": 1, "update_every": 3, "seed": 9},
+    "weight": {"paradigm": "weight", "algorithm": "uniform"},
+}
+
+
+class Recording(SteeringTrainer):
+    def training_step(self, model, inputs, num_items_in_batch=None):  # type: ignore[override]
+        self.trained.append((self.state.global_step + 1, inputs[INDEX_KEY].tolist()))
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+def main() -> None:
+    out, paradigm = Path(sys.argv[1]), sys.argv[2]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=4 // world,
+        gradient_accumulation_steps=2,
+        max_steps=7,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        ddp_backend="gloo" if world > 1 else None,
+        seed=3,
+        disable_tqdm=True,
+        dataloader_pin_memory=False,
+    )
+    trainer = Recording(
+        model=make_model(),
+        args=args,
+        train_dataset=make_dataset(),
+        data_collator=default_data_collator,
+        steering=STEERING[paradigm],
+    )
+    trainer.trained = []
+    trainer.train()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    ctl = trainer.steering
+    plans = [(s, p.tolist() if p is not None else None) for s, p in ctl.sampler._plans] if ctl.sampler else []
+    record = {"trained": trainer.trained, "plans": plans}
+    (out / f"rank{rank}.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()
