@@ -7,7 +7,38 @@ an algorithm keeps across updates (moving averages, histories) goes through
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+if TYPE_CHECKING:
+    from datasteer.ops import ModelOps
+
+
+@dataclass(frozen=True, kw_only=True)
+class UpdateContext:
+    """What every update (a selection or new proportions) may look at.
+
+    Attributes:
+        step: optimizer steps the model has completed when the update is made.
+        first_step: first step (1-based) the update shapes.
+        last_step: last step it shapes before the next update (``max_steps`` if none).
+        max_steps: total optimizer steps of the run.
+        update: index of this update (0 for the first; -1 for a mixer's initial proportions).
+        domain_names: names of the domain ids.
+        generator: the only source of randomness, seeded from (seed, update).
+        ops: model operations bound to the live model (``None`` unless ``needs_model``).
+    """
+
+    step: int
+    first_step: int
+    last_step: int
+    max_steps: int
+    update: int
+    domain_names: tuple[str, ...]
+    generator: torch.Generator
+    ops: ModelOps | None = None
 
 
 class Algorithm:

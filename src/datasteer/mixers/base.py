@@ -6,15 +6,12 @@ import math
 from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 
-from datasteer.algorithm import Algorithm
+from datasteer.algorithm import Algorithm, UpdateContext
 from datasteer.errors import ConfigError
-
-if TYPE_CHECKING:
-    from datasteer.ops import ModelOps
 
 #: Proportions must sum to 1 within this tolerance.
 SUM_TOLERANCE = 1e-6
@@ -33,33 +30,20 @@ def check_proportions(values: Sequence[float], where: str, num_domains: int | No
         raise ConfigError(f"{where}: proportions must sum to 1, got {list(values)} (sum {total:.6g})")
 
 
-@dataclass(frozen=True)
-class MixContext:
+@dataclass(frozen=True, kw_only=True)
+class MixContext(UpdateContext):
     """What a mixer may look at when it sets the proportions of steps ``first_step..last_step``.
 
+    Besides the fields of :class:`~datasteer.algorithm.UpdateContext` (``domain_names`` are
+    the K domains in proportion order):
+
     Attributes:
-        step: optimizer steps the model has completed when the update is made.
-        first_step: first step (1-based) the proportions shape.
-        last_step: last step they shape before the next update (``max_steps`` if none).
-        max_steps: total optimizer steps of the run.
-        update: index of this update (0 for the first; -1 for the initial proportions).
-        domain_names: names of the K domains, in proportion order.
         domain_sizes: number of pool samples in each domain.
         proportions: the proportions in force now, shape ``(K,)``, float64.
-        generator: the only source of randomness, seeded from (seed, update).
-        ops: model operations bound to the live model (``None`` unless ``needs_model``).
     """
 
-    step: int
-    first_step: int
-    last_step: int
-    max_steps: int
-    update: int
-    domain_names: tuple[str, ...]
     domain_sizes: tuple[int, ...]
     proportions: torch.Tensor
-    generator: torch.Generator
-    ops: ModelOps | None = None
 
 
 class Mixer(Algorithm):
