@@ -15,6 +15,7 @@ from tests.factories import make_dataset, make_model
 from transformers import TrainerCallback, TrainingArguments, default_data_collator
 
 from datasteer.controller import digest
+from datasteer.errors import SteeringStateError
 from datasteer.hf import SteeringTrainer
 from datasteer.ops import INDEX_KEY
 from datasteer.registry import WEIGHTERS
@@ -65,6 +66,7 @@ def run(
     dataset=None,
     callbacks=(),
     resume: str | None = None,
+    workers: int = 0,
 ) -> RecordingTrainer:
     args = TrainingArguments(
         output_dir=str(out),
@@ -79,6 +81,7 @@ def run(
         seed=3,
         disable_tqdm=True,
         dataloader_pin_memory=False,
+        dataloader_num_workers=workers,
     )
     trainer = RecordingTrainer(
         model=make_model(),
@@ -265,3 +268,14 @@ def test_resume_matches_an_uninterrupted_run(tmp_path: Path, steering: dict[str,
     assert without_seconds(read_records(part / "steering.jsonl")) == without_seconds(
         read_records(tmp_path / "full" / "steering.jsonl")
     )
+
+
+def test_prefetching_workers_get_enough_lag_and_too_little_is_an_error(tmp_path: Path) -> None:
+    steering = {"paradigm": "mix", "algorithm": "random", "update_every": 1}
+    # Two workers prefetch 2 x 2 micro-batches: the automatic lag covers them ...
+    auto = run(tmp_path / "auto", steering, max_steps=5, workers=2)
+    reference = run(tmp_path / "ref", {**steering, "lag": 3}, max_steps=5)
+    assert auto.served() == reference.served()
+    # ... and a lag that is too short is refused rather than silently serving other data.
+    with pytest.raises(SteeringStateError, match=r"raise datasteer\.lag"):
+        run(tmp_path / "short", {**steering, "lag": 1}, max_steps=5, workers=2)
