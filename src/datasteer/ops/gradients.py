@@ -1,0 +1,349 @@
+"""Per-sample gradient features: projected (optionally Adam-preconditioned) gradients.
+
+A sample's loss is its token-mean shifted cross-entropy (:func:`per_sample_loss`); the
+gradient is taken w.r.t. the model's trainable parameters only (e.g. the LoRA weights).
+Four methods, one entry point (:func:`grad_features`):
+
+* ``loop``: the reference. One sample at a time, ``torch.autograd.grad``, then the
+  streaming projection (:class:`StreamingProjection`) block by block.
+* ``vmap``: ``torch.func.vmap(torch.func.grad(loss of one sample))`` over the batch with
+  ``functional_call`` on the trainable parameters (the frozen ones stay the module's own
+  and act as constants), projected parameter by parameter. Falls back to ``loop`` with a
+  warning when the model cannot be vmapped.
+* ``dense``: the same per-sample gradients flattened to ``(n, D)`` and projected chunk by
+  chunk; one matmul per chunk, best when ``D`` is small (LoRA).
+* ``logra`` (arXiv 2405.13954): one forward and one backward of the *sum* of the batch's
+  per-sample losses. Samples do not interact, so the gradient of that sum w.r.t. a
+  sample's layer output is that sample's own ``delta``; with the captured layer inputs,
+  each trainable ``nn.Linear`` weight's gradient is projected in Kronecker form
+  (:class:`KroneckerProjection`) without forming it. Only trainable ``nn.Linear``
+  *weights* take part: biases, embeddings, norms and any other trainable tensor are left
+  out. Feature width: ``L * k_in * k_out`` over the ``L`` layers, with ``(k_in, k_out)``
+  from ``logra_dims`` or, by default, ``k_in = k_out = isqrt(proj_dim // L)`` (so at most
+  ``proj_dim``); :func:`logra_projections` lists the layers and their factors. The
+  backward asks for gradients w.r.t. the captured layer outputs only, so no weight
+  gradient is computed and no ``.grad`` is written.
+
+Adam preconditioning (LESS, arXiv 2402.04333), for ``loop``/``vmap``/``dense``: with the
+optimizer's live ``exp_avg`` m, ``exp_avg_sq`` v and ``step`` t per parameter and its
+group's betas and eps, a sample's gradient g becomes ``m_hat / (sqrt(v_hat) + eps)`` with
+``m_hat = (b1 m + (1 - b1) g) / (1 - b1^(t+1))`` and ``v_hat = (b2 v + (1 - b2) g^2) /
+(1 - b2^(t+1))``: the update one more Adam step on this sample would make (up to the
+learning rate; decoupled weight decay does not depend on the sample). It is elementwise
+on the full gradient, which ``logra`` never forms, so ``logra`` rejects an optimizer.
+
+Nothing here calls ``backward()``, writes ``.grad`` or steps the optimizer; the model runs
+in eval mode (no dropout) and gets its mode back.
+
+Distributed use: the function works on the batches it is given, so a caller gives each
+rank its own subset of samples and gathers the ``(n, k)`` rows (the projection is the
+same on every rank). Under ZeRO-3 / FSDP, ``loop`` and ``logra`` run the wrapped model
+normally (its hooks gather parameters) but the Adam state is sharded and must be
+gathered per parameter; ``vmap``/``dense`` call ``functional_call`` on full parameters,
+which needs them gathered first (``deepspeed.zero.GatheredParameters`` /
+``FSDP.summon_full_params``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sized
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+from tqdm.auto import tqdm
+from transformers import PretrainedConfig
+from transformers.masking_utils import create_causal_mask
+
+from datasteer import dist
+from datasteer.ops.losses import per_sample_loss
+from datasteer.ops.model_ops import INDEX_KEY
+from datasteer.ops.projection import (
+    DEFAULT_CHUNK_ROWS,
+    KroneckerProjection,
+    ParamLayout,
+    ProjectionKind,
+    StreamingProjection,
+)
+
+logger = logging.getLogger(__name__)
+
+GradMethod = Literal["vmap", "loop", "logra", "dense"]
+Grads = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class GradFeatureConfig:
+    """How gradient features are computed.
+
+    Attributes:
+        method: ``"vmap"``, ``"loop"``, ``"dense"`` or ``"logra"`` (see the module docstring).
+        proj_dim: feature width ``k`` (``logra``: an upper bound, see ``logra_dims``).
+        seed: seeds the projection; equal seeds give equal projections everywhere.
+        projection: ``"rademacher"`` or ``"gaussian"`` entries.
+        normalize: L2-normalise each feature row (cosine-ready, as LESS does).
+        chunk_rows: rows of the streaming projection generated at a time.
+        logra_dims: ``(k_in, k_out)`` per linear layer for ``logra``; ``None`` derives
+            ``k_in = k_out = isqrt(proj_dim // L)``.
+    """
+
+    method: GradMethod = "vmap"
+    proj_dim: int = 8192
+    seed: int = 0
+    projection: ProjectionKind = "rademacher"
+    normalize: bool = True
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
+    logra_dims: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in ("vmap", "loop", "logra", "dense"):
+            raise ValueError(f"method must be one of vmap, loop, logra, dense; got {self.method!r}")
+        if self.proj_dim < 1:
+            raise ValueError(f"proj_dim must be >= 1, got {self.proj_dim}")
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters with ``requires_grad``, in ``named_parameters`` order (the flat layout)."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError("the model has no trainable parameter (requires_grad=True)")
+    return params
+
+
+def split_batch(batch: Mapping[str, Any], device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """``(model inputs, labels)`` on ``device`` from a collated batch (non-tensor keys dropped)."""
+    inputs = {
+        k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor) and k not in ("labels", INDEX_KEY)
+    }
+    return inputs, batch["labels"].to(device)
+
+
+def _sample_loss(model: nn.Module, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    # use_cache=False: a KV cache is useless here and its creation breaks under vmap.
+    logits = model(**inputs, use_cache=False).logits
+    return per_sample_loss(logits, labels)[0]
+
+
+def loop_grads(model: nn.Module, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor, index: int) -> Grads:
+    """Gradient of sample ``index``'s loss (batch size 1), each ``(1, *shape)``."""
+    params = trainable_parameters(model)
+    one = {k: v[index : index + 1] for k, v in inputs.items()}
+    loss = _sample_loss(model, one, labels[index : index + 1])[0]
+    got = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    return {
+        name: (torch.zeros_like(p) if g is None else g).unsqueeze(0)
+        for (name, p), g in zip(params.items(), got, strict=True)
+    }
+
+
+def _prepare_attention_mask(model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Replace a 2D padding mask by the model's own 4D causal mask, built outside ``vmap``.
+
+    HF's mask builder inspects the mask's values (``padding_mask.all()``) to skip it, which
+    ``vmap`` cannot trace; a prepared 4D mask is passed through unchanged by the model.
+    When it is not needed (no padding) the builder returns ``None`` and the key is dropped.
+    """
+    config = getattr(model, "config", None)
+    mask = inputs.get("attention_mask")
+    if not isinstance(config, PretrainedConfig) or mask is None or mask.dim() != 2:
+        return inputs
+    dtype = next(model.parameters()).dtype
+    embeds = torch.empty(*inputs["input_ids"].shape, 0, dtype=dtype, device=mask.device)
+    mask4 = create_causal_mask(
+        config=config, inputs_embeds=embeds, attention_mask=mask, past_key_values=None, position_ids=None
+    )
+    out = {k: v for k, v in inputs.items() if k != "attention_mask"}
+    if isinstance(mask4, torch.Tensor):
+        out["attention_mask"] = mask4
+    return out
+
+
+def vmap_grads(model: nn.Module, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor) -> Grads:
+    """Per-sample gradients of the whole batch with ``vmap(grad)``, each ``(n, *shape)``."""
+    params = {name: p.detach() for name, p in trainable_parameters(model).items()}
+    prepared = _prepare_attention_mask(model, dict(inputs))
+
+    def loss_of_one(p: Grads, one: dict[str, torch.Tensor], label: torch.Tensor) -> torch.Tensor:
+        batched = {k: v.unsqueeze(0) for k, v in one.items()}
+        logits = functional_call(model, p, args=(), kwargs={**batched, "use_cache": False}).logits
+        return per_sample_loss(logits, label.unsqueeze(0))[0][0]
+
+    with warnings.catch_warnings():
+        # Some kernels (CPU SDPA) have no batching rule; vmap loops over them, correctly.
+        warnings.filterwarnings("ignore", message=".*batching rule.*")
+        out: Grads = vmap(grad(loss_of_one), in_dims=(None, 0, 0))(params, prepared, labels)
+    return out
+
+
+def adam_transform(grads: Grads, model: nn.Module, optimizer: torch.optim.Optimizer) -> Grads:
+    """Per-sample gradients -> the Adam update one more step on each sample would make.
+
+    Reads each parameter's live ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq`` with
+    amsgrad), ``step`` and its group's ``betas``/``eps``; parameters without state yet use
+    ``m = v = 0, t = 0``.
+
+    Raises:
+        TypeError: a parameter group has no ``betas``/``eps`` (not an Adam-family optimizer).
+        ValueError: a trainable parameter is not in the optimizer.
+    """
+    groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    out: Grads = {}
+    for name, p in trainable_parameters(model).items():
+        group = groups.get(id(p))
+        if group is None:
+            raise ValueError(f"trainable parameter {name!r} is not in the optimizer")
+        if "betas" not in group or "eps" not in group:
+            raise TypeError(f"Adam preconditioning needs an Adam/AdamW optimizer; group of {name!r} has no betas/eps")
+        (b1, b2), eps = group["betas"], float(group["eps"])
+        g = grads[name].float()
+        state = optimizer.state.get(p, {})
+        t = int(state["step"]) if "step" in state else 0
+        m = state["exp_avg"].to(g.device, torch.float32) if t else torch.zeros_like(g[0])
+        v = state["exp_avg_sq"].to(g.device, torch.float32) if t else torch.zeros_like(g[0])
+        m_new = b1 * m + (1 - b1) * g
+        v_new = b2 * v + (1 - b2) * g.square()
+        if group.get("amsgrad", False) and t:
+            # torch's amsgrad divides by the running max of v, not v itself.
+            v_new = torch.maximum(state["max_exp_avg_sq"].to(g.device, torch.float32), v_new)
+        m_hat = m_new / (1 - b1 ** (t + 1))
+        v_hat = v_new / (1 - b2 ** (t + 1))
+        out[name] = m_hat / (v_hat.sqrt() + eps)
+    return out
+
+
+def logra_projections(model: nn.Module, config: GradFeatureConfig) -> list[tuple[str, nn.Linear, KroneckerProjection]]:
+    """The trainable ``nn.Linear`` layers (module order) and their seeded Kronecker factors."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.weight.requires_grad]
+    if not layers:
+        raise ValueError("logra needs at least one nn.Linear with a trainable weight")
+    if config.logra_dims is not None:
+        k_in, k_out = config.logra_dims
+    else:
+        k_in = k_out = max(1, math.isqrt(config.proj_dim // len(layers)))
+    return [
+        (
+            name,
+            module,
+            KroneckerProjection.create(
+                module.in_features, module.out_features, k_in, k_out, seed=config.seed, key=name, kind=config.projection
+            ),
+        )
+        for name, module in layers
+    ]
+
+
+def logra_batch_features(
+    model: nn.Module,
+    inputs: Mapping[str, torch.Tensor],
+    labels: torch.Tensor,
+    layers: list[tuple[str, nn.Linear, KroneckerProjection]],
+) -> torch.Tensor:
+    """LoGra features ``(n, sum of layer widths)`` of one batch: one forward, one backward."""
+    captured: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    def hook_for(layer: int) -> Callable[[nn.Module, tuple[Any, ...], torch.Tensor], None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
+            captured.append((layer, args[0].detach(), output))
+
+        return hook
+
+    handles = [module.register_forward_hook(hook_for(i)) for i, (_, module, _) in enumerate(layers)]
+    try:
+        total = _sample_loss(model, inputs, labels).sum()
+    finally:
+        for handle in handles:
+            handle.remove()
+    deltas = torch.autograd.grad(total, [out for _, _, out in captured], allow_unused=True)
+    n = labels.shape[0]
+    feats = [torch.zeros(n, proj.dim, device=labels.device) for _, _, proj in layers]
+    # A layer called more than once per forward (weight sharing) sums its contributions.
+    for (layer, x, _out), delta in zip(captured, deltas, strict=True):
+        if delta is not None:
+            feats[layer] += layers[layer][2].project(x, delta)
+    return torch.cat(feats, dim=1)
+
+
+def _batched_features(
+    model: nn.Module,
+    inputs: Mapping[str, torch.Tensor],
+    labels: torch.Tensor,
+    config: GradFeatureConfig,
+    optimizer: torch.optim.Optimizer | None,
+    layout: ParamLayout,
+    projection: StreamingProjection,
+) -> torch.Tensor:
+    if config.method == "loop":
+        rows = []
+        for i in range(labels.shape[0]):
+            g = loop_grads(model, inputs, labels, i)
+            g = adam_transform(g, model, optimizer) if optimizer is not None else g
+            rows.append(layout.project(g, projection))
+        return torch.cat(rows)
+    grads = vmap_grads(model, inputs, labels)
+    grads = adam_transform(grads, model, optimizer) if optimizer is not None else grads
+    if config.method == "dense":
+        return projection.project(layout.flatten(grads).float())
+    return layout.project(grads, projection)
+
+
+def grad_features(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    config: GradFeatureConfig | None = None,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    desc: str = "gradient features",
+) -> torch.Tensor:
+    """Projected per-sample gradient features of every sample in ``batches``.
+
+    Args:
+        model: the live model (HF causal LM, with or without a peft adapter).
+        batches: collated batches with ``input_ids``, ``attention_mask``, ``labels`` (other
+            tensor keys go to the model; ``datasteer_index`` is dropped).
+        config: method, projection and normalisation (default :class:`GradFeatureConfig`).
+        optimizer: an Adam/AdamW optimizer whose live state preconditions the gradients
+            (``None``: plain gradients). Only read, never stepped.
+        desc: progress bar label.
+
+    Returns:
+        ``(n, k)`` float32 CPU tensor, rows in batch order.
+    """
+    config = config or GradFeatureConfig()
+    if optimizer is not None and config.method == "logra":
+        raise ValueError("logra cannot be Adam-preconditioned (elementwise on the full gradient); use vmap or loop")
+    params = trainable_parameters(model)
+    device = next(iter(params.values())).device
+    layout = ParamLayout.from_named(params.items())
+    projection = StreamingProjection(config.proj_dim, config.seed, config.projection, config.chunk_rows)
+    layers = logra_projections(model, config) if config.method == "logra" else []
+    method = config.method
+    rows: list[torch.Tensor] = []
+    was_training = model.training
+    model.eval()
+    try:
+        total = len(batches) if isinstance(batches, Sized) else None
+        with torch.enable_grad():
+            for batch in tqdm(batches, total=total, desc=desc, disable=dist.rank() != 0, leave=False):
+                inputs, labels = split_batch(batch, device)
+                if method == "logra":
+                    feats = logra_batch_features(model, inputs, labels, layers)
+                else:
+                    try:
+                        feats = _batched_features(model, inputs, labels, config, optimizer, layout, projection)
+                    except RuntimeError as err:
+                        if method == "loop":
+                            raise
+                        logger.warning("%s gradients failed (%s); falling back to the loop method", method, err)
+                        method = "loop"
+                        config = GradFeatureConfig(**{**config.__dict__, "method": "loop"})
+                        feats = _batched_features(model, inputs, labels, config, optimizer, layout, projection)
+                rows.append(feats.detach().float().cpu())
+    finally:
+        model.train(was_training)
+    out = torch.cat(rows) if rows else torch.empty(0, projection.out_dim)
+    return torch.nn.functional.normalize(out, dim=1) if config.normalize else out
