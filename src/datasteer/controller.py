@@ -32,7 +32,7 @@ import torch
 from datasteer import dist
 from datasteer.config import SteeringConfig
 from datasteer.errors import ConfigError, SteeringStateError
-from datasteer.mixers.base import SUM_TOLERANCE, MixContext, Mixer
+from datasteer.mixers.base import SUM_TOLERANCE, DomainStats, MixContext, Mixer
 from datasteer.ops import ModelOps
 from datasteer.registry import registry_for
 from datasteer.rng import torch_generator
@@ -122,6 +122,8 @@ class SteeringController:
         self.max_steps = 0
         self._resumed_at: int | None = None
         self._served = np.zeros(len(self.domain_names), dtype=np.int64)
+        # samples, loss sum, tokens, token-loss sum per domain, of the current step
+        self._step_stats = np.zeros((4, len(self.domain_names)), dtype=np.float64)
         self._weight_stats: list[float] | None = None  # sum, count, min, max of this step
         self._weight_seconds = 0.0
         self._micro = 0
@@ -142,7 +144,12 @@ class SteeringController:
 
     @property
     def needs_sample_losses(self) -> bool:
-        """Whether training batches need per-sample losses (weighting)."""
+        """Whether training batches need per-sample losses (for weights or for a mixer)."""
+        return self.weights_samples or (isinstance(self.algorithm, Mixer) and self.algorithm.observes)
+
+    @property
+    def weights_samples(self) -> bool:
+        """Whether the training loss is reweighted per sample."""
         return isinstance(self.algorithm, Weighter)
 
     # -- training events ---------------------------------------------------------------
@@ -170,6 +177,8 @@ class SteeringController:
         """After optimizer step ``step`` (0: train begin): compute the updates due now."""
         if isinstance(self.algorithm, Weighter):
             return self._weight_event(step) if step > 0 else []
+        if isinstance(self.algorithm, Mixer) and self.algorithm.observes and step > 0:
+            self.algorithm.observe(self._domain_stats(step))
         if isinstance(self.algorithm, Mixer) and not self.algorithm.adaptive:
             return []
         return [self._update(update, step, ops) for update in self.schedule.updates_decided_at(step, self.max_steps)]
@@ -233,10 +242,38 @@ class SteeringController:
         )
 
     # -- per-batch hooks ---------------------------------------------------------------
-    def observe(self, indices: torch.Tensor) -> None:
-        """Count the domains of a trained micro-batch (reported with the next event)."""
+    def observe(
+        self, indices: torch.Tensor, losses: torch.Tensor | None = None, tokens: torch.Tensor | None = None
+    ) -> None:
+        """Note a trained micro-batch: its domains (reported with the next event) and, when
+        given, its per-sample token-mean losses and labelled-token counts (for mixers)."""
         ids = self.domains[indices.detach().cpu().numpy()]
-        self._served += np.bincount(ids, minlength=len(self.domain_names))
+        k = len(self.domain_names)
+        self._served += np.bincount(ids, minlength=k)
+        if losses is not None and tokens is not None:
+            loss = losses.detach().double().cpu().numpy()
+            count = tokens.detach().double().cpu().numpy()
+            self._step_stats += np.stack(
+                [
+                    np.bincount(ids, minlength=k),
+                    np.bincount(ids, weights=loss, minlength=k),
+                    np.bincount(ids, weights=count, minlength=k),
+                    np.bincount(ids, weights=loss * count, minlength=k),
+                ]
+            )
+
+    def _domain_stats(self, step: int) -> DomainStats:
+        total = dist.all_reduce(torch.from_numpy(self._step_stats.copy()))
+        self._step_stats[:] = 0
+        assert self.sampler is not None
+        return DomainStats(
+            step=step,
+            proportions=torch.from_numpy(self.sampler.plan_at(step)[1]).clone(),
+            samples=total[0],
+            loss_sum=total[1],
+            tokens=total[2],
+            token_loss_sum=total[3],
+        )
 
     def sample_weights(self, step: int, losses: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Weights of one micro-batch of step ``step`` (1 during warm-up)."""

@@ -232,12 +232,27 @@ class SteeringMixin:
         ctl = self.steering
         if ctl is None or indices is None or not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # type: ignore[misc]
-        ctl.observe(indices)
         if not ctl.needs_sample_losses:
+            ctl.observe(indices)
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # type: ignore[misc]
+        if not ctl.weights_samples:
+            # A mixer learns from the batch's per-sample losses; the training loss stays the
+            # Trainer's own, and the losses come from the same forward pass's logits.
+            labels = inputs.get("labels")
+            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)  # type: ignore[misc]
+            logits = getattr(outputs, "logits", None)
+            if labels is None or logits is None:
+                raise SteeringStateError(
+                    f"{ctl.config.algorithm} needs per-sample losses: the batch must have labels and the "
+                    "model must return logits (fused-loss kernels that drop them are not supported)"
+                )
+            losses, counts = per_sample_loss(logits.detach(), labels)
+            ctl.observe(indices, losses, counts)
+            return (loss, outputs) if return_outputs else loss
         labels = inputs.pop("labels")
         outputs = model(**inputs)
-        losses, _ = per_sample_loss(outputs.logits, labels)
+        losses, counts = per_sample_loss(outputs.logits, labels)
+        ctl.observe(indices, losses, counts)
         weights = ctl.sample_weights(trainer.state.global_step + 1, losses, indices)
         loss = (weights * losses).sum() / losses.numel()
         trainer_divides = (

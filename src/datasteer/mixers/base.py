@@ -46,11 +46,44 @@ class MixContext(UpdateContext):
     proportions: torch.Tensor
 
 
+@dataclass(frozen=True)
+class DomainStats:
+    """Per-domain statistics of the samples trained in one optimizer step.
+
+    Summed over the step's micro-batches and over all ranks, so every rank sees the same
+    numbers. Losses are the per-sample token-mean losses of the training forward pass.
+
+    Attributes:
+        step: the optimizer step (1-based).
+        proportions: the proportions in force for that step, ``(K,)``.
+        samples: samples of each domain trained in the step, ``(K,)``.
+        loss_sum: sum of those samples' token-mean losses, ``(K,)``.
+        tokens: labelled tokens of each domain, ``(K,)``.
+        token_loss_sum: sum of the token losses of each domain, ``(K,)``.
+    """
+
+    step: int
+    proportions: torch.Tensor
+    samples: torch.Tensor
+    loss_sum: torch.Tensor
+    tokens: torch.Tensor
+    token_loss_sum: torch.Tensor
+
+    def mean_sample_loss(self) -> torch.Tensor:
+        """Mean per-sample loss of each domain; NaN for a domain absent from the step."""
+        return torch.where(self.samples > 0, self.loss_sum / self.samples.clamp_min(1), torch.nan)
+
+
 class Mixer(Algorithm):
     """Sets the proportions of each domain in the batches until the next update."""
 
     #: False for mixers whose proportions never change: the controller then skips updates.
     adaptive: ClassVar[bool] = True
+    #: True for mixers that learn from the training batches' losses (see :meth:`observe`).
+    observes: ClassVar[bool] = False
+
+    def observe(self, stats: DomainStats) -> None:
+        """Called after every optimizer step with that step's per-domain statistics."""
 
     def check_domains(self, domain_names: Sequence[str]) -> None:
         """Validate params that depend on the domains (e.g. their number); ConfigError if not."""
