@@ -279,3 +279,80 @@ def test_prefetching_workers_get_enough_lag_and_too_little_is_an_error(tmp_path:
     # ... and a lag that is too short is refused rather than silently serving other data.
     with pytest.raises(SteeringStateError, match=r"raise datasteer\.lag"):
         run(tmp_path / "short", {**steering, "lag": 1}, max_steps=5, workers=2)
+
+
+@dataclasses.dataclass
+class _ObservingParams:
+    proportions: list[float] = dataclasses.field(default_factory=lambda: [0.5, 0.25, 0.25])
+
+
+@pytest.fixture
+def observing_mixer():
+    from datasteer.mixers.base import DomainStats, MixContext, Mixer
+    from datasteer.registry import MIXERS
+
+    seen: list[DomainStats] = []
+
+    @MIXERS.register("_test_observing")
+    class ObservingMixer(Mixer):
+        """Test mixer: fixed proportions, records every step's statistics."""
+
+        Params = _ObservingParams
+        observes = True
+
+        def observe(self, stats: DomainStats) -> None:
+            seen.append(stats)
+
+        def initial(self, ctx: MixContext) -> torch.Tensor:
+            return torch.tensor(self.params.proportions, dtype=torch.float64)
+
+        def update(self, ctx: MixContext) -> torch.Tensor:
+            return self.initial(ctx)
+
+    yield "_test_observing", seen
+    MIXERS._specs.pop("_test_observing")
+
+
+def test_mixer_statistics_come_from_the_training_batches_without_changing_training(
+    tmp_path: Path, observing_mixer
+) -> None:
+    name, seen = observing_mixer
+    dataset = ragged_dataset()
+    observed = run(tmp_path / "obs", {"paradigm": "mix", "algorithm": name}, max_steps=4, dataset=dataset)
+    plain = run(
+        tmp_path / "plain",
+        {"paradigm": "mix", "algorithm": "static", "params": {"proportions": [0.5, 0.25, 0.25]}},
+        max_steps=4,
+        dataset=dataset,
+    )
+    # Same stream, and the Trainer's own loss is untouched by the observation.
+    assert observed.served() == plain.served()
+    assert [m[2] for m in observed.micro] == pytest.approx([m[2] for m in plain.micro], rel=1e-6)
+    assert [s.step for s in seen] == [1, 2, 3, 4]
+    domains = np.array(dataset["domain"])
+    names = ["alpha", "beta", "gamma"]
+    for stats in seen:
+        counts = Counter(domains[observed.served()[stats.step]].tolist())
+        assert stats.samples.tolist() == [counts.get(n, 0) for n in names]
+        assert stats.proportions.tolist() == [0.5, 0.25, 0.25]
+        tokens = [
+            sum(
+                sum(t != -100 for t in dataset[i]["labels"][1:])
+                for i in observed.served()[stats.step]
+                if domains[i] == n
+            )
+            for n in names
+        ]
+        assert stats.tokens.tolist() == tokens
+        assert torch.isfinite(stats.loss_sum).all() and (stats.loss_sum[stats.samples > 0] > 0).all()
+    # Step 1 ran on the initial weights: its loss sums match a direct computation.
+    model = make_model().eval()
+    rows = observed.served()[1]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([dataset[i]["input_ids"] for i in rows])).logits
+    labels = torch.tensor([dataset[i]["labels"] for i in rows])
+    expected = dict.fromkeys(names, 0.0)
+    for b, i in enumerate(rows):
+        keep = labels[b, 1:] != -100
+        expected[domains[i]] += float(F.cross_entropy(logits[b, :-1][keep], labels[b, 1:][keep]))
+    assert seen[0].loss_sum.tolist() == pytest.approx([expected[n] for n in names], rel=1e-5)
