@@ -7,6 +7,7 @@ code 2, and writes nothing.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -101,6 +102,31 @@ def cmd_quickstart(ns: argparse.Namespace) -> int:
         return 1
 
 
+def cmd_eval(ns: argparse.Namespace) -> int:
+    from datasteer.assets import resolve_builtin
+    from datasteer.evaluate import domain_losses, format_results, read_corpus_texts
+
+    try:
+        model_dir = Path(resolve_builtin(ns.model))
+        corpus = Path(resolve_builtin(ns.corpus))
+        domains = [d for d in ns.domains.split(",") if d] if ns.domains else None
+        texts = read_corpus_texts(corpus, domains)
+        if not (model_dir / "config.json").is_file():
+            raise ConfigError(f"{model_dir}: not a model directory (no config.json)")
+    except (ValueError, FileNotFoundError) as err:
+        return _fail(str(err))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
+    results = domain_losses(model, tokenizer, texts, batch_size=ns.batch_size, max_length=ns.max_length)
+    print(format_results(results))
+    if ns.output:
+        payload = {d: {"loss": r.loss, "perplexity": r.perplexity, "tokens": r.tokens} for d, r in results.items()}
+        Path(ns.output).write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
 def cmd_version(ns: argparse.Namespace) -> int:
     print(f"datasteer {__version__}")
     return 0
@@ -128,6 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=150, help="optimizer steps per run")
     p.add_argument("--mixer", default="scheduled", help="the dynamic mixer's example (examples/quickstart/)")
     p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("eval", help="held-out loss and perplexity per domain of a trained model")
+    p.add_argument("model", help="model directory (a run's output_dir) or builtin:tiny-llama")
+    p.add_argument("--corpus", default="builtin:corpus", help="directory with <domain>_eval.jsonl files")
+    p.add_argument("--domains", default=None, help="comma-separated domains (default: all in the corpus)")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per text")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--output", default=None, help="also write the numbers to this JSON file")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=cmd_version)
