@@ -24,6 +24,7 @@ STEERING = {
     "mix": {"paradigm": "mix", "algorithm": "random", "update_every": 2, "seed": 9},
     "select": {"paradigm": "select", "algorithm": "random", "warmup_steps": 1, "update_every": 3, "seed": 9},
     "weight": {"paradigm": "weight", "algorithm": "uniform"},
+    "odm": {"paradigm": "mix", "algorithm": "odm", "update_every": 1, "seed": 9},
 }
 
 

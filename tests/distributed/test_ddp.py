@@ -67,3 +67,19 @@ def test_two_ranks_agree_and_match_one_process(tmp_path: Path, paradigm: str) ->
     assert strip(read_records(tmp_path / "two" / "steering.jsonl")) == strip(
         read_records(tmp_path / "one" / "steering.jsonl")
     )
+
+
+@pytest.mark.slow
+def test_odm_proportions_are_identical_on_both_ranks(tmp_path: Path) -> None:
+    """ODM learns from losses: each rank sees only its share, the all-reduced statistics agree."""
+    launch(tmp_path / "two", "odm", 2)
+    launch(tmp_path / "one", "odm", 1)
+    r0 = json.loads((tmp_path / "two" / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "two" / "rank1.json").read_text())
+    assert r0["plans"] == r1["plans"]
+    records = read_records(tmp_path / "two" / "steering.jsonl")
+    assert len(records) == 7 and len({tuple(r["proportions"].values()) for r in records}) > 1
+    # Same statistics as one process up to float summation order, hence (nearly) the same proportions.
+    single = read_records(tmp_path / "one" / "steering.jsonl")
+    for a, b in zip(records, single, strict=True):
+        assert list(a["proportions"].values()) == pytest.approx(list(b["proportions"].values()), abs=1e-4)
