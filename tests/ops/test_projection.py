@@ -64,3 +64,20 @@ def test_kronecker_projection_equals_explicit_kron() -> None:
     assert kron.dim == 6 and kron.matrix().shape == (6, 20)
     other = KroneckerProjection.create(5, 4, 3, 2, seed=0, key="other-layer")
     assert not torch.equal(kron.p_in, other.p_in)
+
+
+def test_cached_chunks_equal_fresh_ones_and_the_cache_stays_in_budget() -> None:
+    from datasteer.ops.projection import CHUNK_CACHE, _ChunkCache
+
+    proj = StreamingProjection(out_dim=16, seed=3, chunk_rows=32)
+    first = proj.chunk(2).clone()
+    CHUNK_CACHE.clear()
+    torch.testing.assert_close(proj.chunk(2), first, rtol=0, atol=0)
+    assert proj.chunk(2) is proj.chunk(2)  # served from the cache
+    small = _ChunkCache(max_bytes=2 * 32 * 16 * 4)
+    made = []
+    for i in range(4):
+        small.get(("k", i), lambda i=i: made.append(i) or torch.zeros(32, 16))
+    assert small._bytes <= small.max_bytes and list(small._items) == [("k", 2), ("k", 3)]
+    small.get(("k", 0), lambda: made.append("again") or torch.zeros(32, 16))
+    assert made[-1] == "again"

@@ -23,7 +23,10 @@ Three pieces:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -45,6 +48,47 @@ def random_matrix(rows: int, cols: int, *, scale_dim: int, kind: ProjectionKind,
     if kind == "gaussian":
         return torch.randn(rows, cols, generator=gen, dtype=torch.float32).mul_(1.0 / math.sqrt(scale_dim))
     raise ValueError(f"projection kind must be 'rademacher' or 'gaussian', got {kind!r}")
+
+
+class _ChunkCache:
+    """Generated projection chunks, least recently used first out, within a byte budget.
+
+    Generating a chunk costs far more than multiplying by it, and every batch needs the
+    same chunks again: caching them makes the projection cost one generation per run
+    (when the chunks fit the budget) instead of one per batch. Set the budget with
+    ``DATASTEER_PROJECTION_CACHE_MB`` (default 512; 0 disables the cache).
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple[object, ...], torch.Tensor] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[object, ...], make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is not None:
+                self._items.move_to_end(key)
+                return hit
+        value = make()
+        size = value.numel() * value.element_size()
+        if size <= self.max_bytes:
+            with self._lock:
+                self._items[key] = value
+                self._bytes += size
+                while self._bytes > self.max_bytes:
+                    _, old = self._items.popitem(last=False)
+                    self._bytes -= old.numel() * old.element_size()
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
+
+CHUNK_CACHE = _ChunkCache(int(float(os.environ.get("DATASTEER_PROJECTION_CACHE_MB", "512")) * 2**20))
 
 
 @dataclass(frozen=True)
@@ -69,8 +113,13 @@ class StreamingProjection:
 
     def chunk(self, index: int, rows: int | None = None) -> torch.Tensor:
         """Rows ``[index R, index R + rows)`` of ``P`` (``rows`` defaults to ``R``), float32 CPU."""
-        gen = torch_generator(self.seed, "projection", self.kind, self.out_dim, self.chunk_rows, index)
-        full = random_matrix(self.chunk_rows, self.out_dim, scale_dim=self.out_dim, kind=self.kind, gen=gen)
+        key = ("projection", self.seed, self.kind, self.out_dim, self.chunk_rows, index)
+
+        def make() -> torch.Tensor:
+            gen = torch_generator(self.seed, "projection", self.kind, self.out_dim, self.chunk_rows, index)
+            return random_matrix(self.chunk_rows, self.out_dim, scale_dim=self.out_dim, kind=self.kind, gen=gen)
+
+        full = CHUNK_CACHE.get(key, make)  # shared and cached: callers must not modify it
         return full if rows is None else full[:rows]
 
     def project_blocks(self, blocks: Sequence[tuple[int, torch.Tensor]]) -> torch.Tensor:
