@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,6 +50,12 @@ def test_pt_full_mixing_trains_only_the_domains_it_is_told(tmp_path: Path) -> No
     assert served == {"prose": 0, "code": 0, "arithmetic": 4 * 4, "noise": 0}  # steps 1-4 reported
     assert (tmp_path / "checkpoint-3" / STATE_FILE).is_file()
     assert (tmp_path / "model.safetensors").is_file()
+    # The trained model can be scored per domain on the held-out splits.
+    report = tmp_path / "eval.json"
+    assert main(["eval", str(tmp_path), "--domains", "arithmetic,noise", "--output", str(report)]) == 0
+    scores = json.loads(report.read_text())
+    assert set(scores) == {"arithmetic", "noise"}
+    assert all(v["loss"] > 0 and v["tokens"] > 0 for v in scores.values())
 
 
 @pytest.mark.slow
