@@ -53,3 +53,26 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     work = tensor.detach().to(_device(), copy=True)
     dist.all_reduce(work, op=ops[op])
     return work.cpu()
+
+
+def shard_bounds(n: int) -> tuple[int, int]:
+    """This rank's contiguous share ``[start, stop)`` of ``n`` items (ranks in order)."""
+    per = -(-n // world_size())
+    start = min(n, rank() * per)
+    return start, min(n, start + per)
+
+
+def gather_rows(local: torch.Tensor, n: int) -> torch.Tensor:
+    """Concatenate every rank's rows (its :func:`shard_bounds` share of ``n``) in rank order.
+
+    Each rank passes the rows of its own share; every rank gets all ``n`` rows, on the CPU.
+    """
+    if not is_distributed():
+        return local.cpu()
+    per = -(-n // world_size())
+    padded = torch.zeros((per, *local.shape[1:]), dtype=local.dtype)
+    padded[: local.shape[0]] = local.detach().cpu()
+    device = _device()
+    parts = [torch.empty_like(padded, device=device) for _ in range(world_size())]
+    dist.all_gather(parts, padded.to(device))
+    return torch.cat([p.cpu() for p in parts])[:n]

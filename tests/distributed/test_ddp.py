@@ -11,6 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+import torch
 
 from datasteer.runlog import read_records
 
@@ -83,3 +84,26 @@ def test_odm_proportions_are_identical_on_both_ranks(tmp_path: Path) -> None:
     single = read_records(tmp_path / "one" / "steering.jsonl")
     for a, b in zip(records, single, strict=True):
         assert list(a["proportions"].values()) == pytest.approx(list(b["proportions"].values()), abs=1e-4)
+
+
+@pytest.mark.slow
+def test_sharded_model_operations_equal_one_process(tmp_path: Path) -> None:
+    """Each rank computes its share; the gathered losses, embeddings and gradient features
+    are the same on both ranks and equal the 1-process result."""
+    worker = Path(__file__).with_name("ops_worker.py")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    one = subprocess.run(
+        [sys.executable, str(worker), str(tmp_path / "one")], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
+    two = subprocess.run(
+        [*cmd, str(worker), str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    single = torch.load(tmp_path / "one.rank0")
+    ranks = [torch.load(tmp_path / f"two.rank{r}") for r in (0, 1)]
+    for key, value in single.items():
+        assert value.shape[0] == 19, key
+        for got in ranks:
+            torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)

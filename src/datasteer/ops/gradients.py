@@ -61,8 +61,8 @@ from transformers import PretrainedConfig
 from transformers.masking_utils import create_causal_mask
 
 from datasteer import dist
+from datasteer.ops.keys import INDEX_KEY
 from datasteer.ops.losses import per_sample_loss
-from datasteer.ops.model_ops import INDEX_KEY
 from datasteer.ops.projection import (
     DEFAULT_CHUNK_ROWS,
     KroneckerProjection,
