@@ -356,3 +356,23 @@ def test_mixer_statistics_come_from_the_training_batches_without_changing_traini
         keep = labels[b, 1:] != -100
         expected[domains[i]] += float(F.cross_entropy(logits[b, :-1][keep], labels[b, 1:][keep]))
     assert seen[0].loss_sum.tolist() == pytest.approx([expected[n] for n in names], rel=1e-5)
+
+
+def test_loss_selector_scores_the_pool_with_the_live_model(tmp_path: Path) -> None:
+    steering = {
+        "paradigm": "select",
+        "algorithm": "loss",
+        "warmup_steps": 1,
+        "update_every": 3,
+        "params": {"focus": "high"},
+    }
+    trainer = run(tmp_path, steering, max_steps=7)
+    records = read_records(tmp_path / "steering.jsonl")
+    assert [(r["first_step"], r["last_step"], r["selected"], r["unique"]) for r in records] == [
+        (2, 4, 24, 24),
+        (5, 7, 24, 24),
+    ]
+    served = trainer.served()
+    for record in records:
+        trained = [i for s in range(record["first_step"], record["last_step"] + 1) for i in served[s]]
+        assert len(set(trained)) == 24  # the selection, served once each
