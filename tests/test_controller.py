@@ -258,6 +258,7 @@ def expected_random_selection(update: int, num_samples: int) -> np.ndarray:
         last_step=1,
         max_steps=10,
         update=update,
+        total_updates=update + 1,
         num_samples=num_samples,
         pool_size=len(DOMAINS),
         domains=torch.from_numpy(DOMAINS),

@@ -75,6 +75,7 @@ def test_params_fields_are_documented_and_defaulted(spec: AlgorithmSpec) -> None
 def test_class_docstring_has_a_summary_line(spec: AlgorithmSpec) -> None:
     assert spec.summary
     assert spec.summary == (spec.cls.__doc__ or "").strip().splitlines()[0]
+    assert spec.summary.endswith("."), f"{spec.name}: the summary line must be a whole sentence"
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=spec_id)

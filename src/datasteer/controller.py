@@ -69,6 +69,11 @@ class Schedule:
         """Step after which ``update`` is computed (0: at train begin)."""
         return max(0, self.first_step(update) - 1 - self.lag)
 
+    def total_updates(self, max_steps: int) -> int:
+        """How many updates a run of ``max_steps`` steps makes."""
+        possible = max(0, -(-(max_steps - self.warmup_steps) // self.update_every))
+        return possible if self.max_updates is None else min(possible, self.max_updates)
+
     def updates_decided_at(self, step: int, max_steps: int) -> list[int]:
         """The updates to compute after ``step`` (0: at train begin), in order."""
         result = []
@@ -198,6 +203,7 @@ class SteeringController:
                 last_step=last,
                 max_steps=self.max_steps,
                 update=update,
+                total_updates=self.schedule.total_updates(self.max_steps),
                 num_samples=self.global_batch * (last - first + 1),
                 pool_size=len(self.domains),
                 domains=torch.from_numpy(self.domains),

@@ -118,6 +118,7 @@ def test_select_serves_exactly_the_selected_indices(tmp_path: Path) -> None:
             last_step=last,
             max_steps=11,
             update=record["update"],
+            total_updates=len(records),
             num_samples=n,
             pool_size=pool,
             domains=torch.zeros(pool, dtype=torch.long),

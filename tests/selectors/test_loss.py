@@ -59,6 +59,7 @@ def ctx(ops: FakeOps, n: int, seed: int = 0) -> SelectContext:
         last_step=1,
         max_steps=1,
         update=0,
+        total_updates=1,
         domain_names=("x",),
         generator=torch_generator(seed, "select", 0),
         num_samples=n,

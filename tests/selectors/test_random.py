@@ -17,6 +17,7 @@ def context(num_samples: int, pool_size: int, seed: int = 0, update: int = 0) ->
         last_step=4,
         max_steps=4,
         update=update,
+        total_updates=update + 1,
         num_samples=num_samples,
         pool_size=pool_size,
         domains=torch.zeros(pool_size, dtype=torch.long),

@@ -17,11 +17,13 @@ class SelectContext(UpdateContext):
     Besides the fields of :class:`~datasteer.algorithm.UpdateContext`:
 
     Attributes:
+        total_updates: how many updates the run will make (this one included).
         num_samples: how many indices to return (global batch x steps per update).
         pool_size: number of candidates in the training pool.
         domains: domain id of each pool sample, shape ``(pool_size,)``.
     """
 
+    total_updates: int
     num_samples: int
     pool_size: int
     domains: torch.Tensor

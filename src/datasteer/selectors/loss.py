@@ -62,9 +62,11 @@ def tier_probabilities(losses: torch.Tensor, params: LossSelectParams) -> torch.
 
 @SELECTORS.register("loss")
 class LossSelector(Selector):
-    """Loss-tiered sampling: the current model's per-sample loss sorts the pool into three
-    tiers; the focus tier (low, medium or high loss) is sampled ``focus_weight`` times more
-    often, sharpened or flattened by ``temperature``, without replacement.
+    """Loss-tiered sampling: more draws from the low, medium or high third of the pool's losses.
+
+    The current model's per-sample loss sorts the pool into three tiers; the focus tier is
+    sampled ``focus_weight`` times more often, sharpened or flattened by ``temperature``,
+    without replacement.
 
     Scores every candidate with one batched, rank-sharded pass (the reference scores one
     sample at a time). Falls back to drawing with replacement only when fewer candidates
