@@ -1,0 +1,107 @@
+"""Delta-loss selection: the sliding window and the draw, by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from datasteer.config import parse_dataclass
+from datasteer.errors import ConfigError
+from datasteer.rng import torch_generator
+from datasteer.selectors.base import SelectContext
+from datasteer.selectors.delta_loss import DeltaLossParams, DeltaLossSelector, window_bounds
+
+SORTED = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0, 0.5, 0.2, 0.1, 0.05, 0.01])  # all positive
+
+
+def test_window_slides_from_large_to_small_drops() -> None:
+    p = DeltaLossParams(window_size=0.3)  # width 3 of 10
+    assert window_bounds(SORTED, 0.0, p) == (int(7 / (1 + math.exp(5))), int(7 / (1 + math.exp(5))) + 3) == (0, 3)
+    assert window_bounds(SORTED, 0.5, p) == (3, 6)  # 0.5 * 7 = 3.5
+    assert window_bounds(SORTED, 1.0, p) == (6, 9)  # 0.9933 * 7 = 6.95
+
+
+def test_window_ends_before_the_first_negative_delta() -> None:
+    deltas = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0, 0.5, -1.0, -2.0, -3.0, -4.0])
+    p = DeltaLossParams(window_size=0.3)
+    assert window_bounds(deltas, 0.5, p) == (3, 6)
+    assert window_bounds(deltas, 1.0, p) == (3, 6)  # would start at 6: slides back to end at 6
+    assert window_bounds(-deltas.abs(), 0.5, p) == (0, 0)  # no loss dropped: empty window
+
+
+def test_weights_mark_the_window_in_pool_order() -> None:
+    selector = DeltaLossSelector(DeltaLossParams(window_size=0.3, outside_mass=0.1))
+    deltas = torch.tensor([0.05, 5.0, 0.5, 2.0, 4.0, 1.0, 0.01, 3.0, 0.2, 0.1])
+    weights = selector.weights(deltas, 0.5)  # window = sorted ranks 3..5 = deltas 2.0, 1.0, 0.5
+    assert weights.tolist() == [0.1, 0.1, 1.0, 1.0, 0.1, 1.0, 0.1, 0.1, 0.1, 0.1]
+
+
+class FakeOps:
+    def __init__(self, *rounds: torch.Tensor) -> None:
+        self.rounds = list(rounds)
+
+    def sample_losses(self, indices, desc: str = "") -> torch.Tensor:
+        return self.rounds.pop(0)[torch.as_tensor(indices)]
+
+
+def ctx(ops: FakeOps, update: int, total: int, n: int) -> SelectContext:
+    pool = 10
+    return SelectContext(
+        step=0,
+        first_step=1,
+        last_step=1,
+        max_steps=10,
+        update=update,
+        domain_names=("x",),
+        generator=torch_generator(0, "select", update),
+        total_updates=total,
+        num_samples=n,
+        pool_size=pool,
+        domains=torch.zeros(pool, dtype=torch.long),
+        ops=ops,  # type: ignore[arg-type]
+    )
+
+
+def test_progress_runs_over_the_delta_updates_and_survives_a_single_one() -> None:
+    assert DeltaLossSelector.progress(ctx(FakeOps(), 1, 5, 1)) == 0.0
+    assert DeltaLossSelector.progress(ctx(FakeOps(), 4, 5, 1)) == 1.0
+    assert DeltaLossSelector.progress(ctx(FakeOps(), 2, 5, 1)) == pytest.approx(1 / 3)
+    assert DeltaLossSelector.progress(ctx(FakeOps(), 1, 2, 1)) == 0.0  # one delta update: no division by zero
+
+
+def test_first_update_records_losses_then_selects_the_window() -> None:
+    initial = torch.full((10,), 5.0)
+    later = initial - torch.tensor([0.05, 5.0, 0.5, 2.0, 4.0, 1.0, 0.01, 3.0, 0.2, 0.1])
+    ops = FakeOps(initial, later)
+    selector = DeltaLossSelector(DeltaLossParams(window_size=0.3, outside_mass=0.0))
+    first = selector.select(ctx(ops, 0, 3, 10))
+    assert sorted(first.tolist()) == list(range(10))  # uniform, without replacement
+    torch.testing.assert_close(selector.initial_losses, initial)
+    # update 1 of 3 -> progress 0: the window holds the three largest drops (indices 1, 4, 7)
+    second = selector.select(ctx(ops, 1, 3, 3))
+    assert sorted(second.tolist()) == [1, 4, 7]
+
+
+def test_state_round_trip() -> None:
+    a = DeltaLossSelector(DeltaLossParams())
+    a.select(ctx(FakeOps(torch.arange(10.0)), 0, 3, 4))
+    b = DeltaLossSelector(DeltaLossParams())
+    b.load_state_dict(a.state_dict())
+    later = torch.arange(10.0) - torch.linspace(0, 1, 10)
+    assert torch.equal(a.select(ctx(FakeOps(later), 1, 3, 4)), b.select(ctx(FakeOps(later), 1, 3, 4)))
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"window_size": 0}, "window_size: must be in (0, 1]"),
+        ({"outside_mass": 2}, "outside_mass: must be in [0, 1]"),
+        ({"sharpness": 0}, "sharpness: must be > 0"),
+    ],
+)
+def test_bad_params(raw: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_dataclass(DeltaLossParams, raw, "datasteer.params")
+    assert message in str(err.value)
