@@ -359,14 +359,9 @@ def test_mixer_statistics_come_from_the_training_batches_without_changing_traini
     assert seen[0].loss_sum.tolist() == pytest.approx([expected[n] for n in names], rel=1e-5)
 
 
-def test_loss_selector_scores_the_pool_with_the_live_model(tmp_path: Path) -> None:
-    steering = {
-        "paradigm": "select",
-        "algorithm": "loss",
-        "warmup_steps": 1,
-        "update_every": 3,
-        "params": {"focus": "high"},
-    }
+@pytest.mark.parametrize("algorithm", ["loss", "delta_loss"])
+def test_model_based_selectors_score_the_pool_with_the_live_model(tmp_path: Path, algorithm: str) -> None:
+    steering = {"paradigm": "select", "algorithm": algorithm, "warmup_steps": 1, "update_every": 3}
     trainer = run(tmp_path, steering, max_steps=7)
     records = read_records(tmp_path / "steering.jsonl")
     assert [(r["first_step"], r["last_step"], r["selected"], r["unique"]) for r in records] == [
