@@ -265,13 +265,13 @@ class SteeringMixin:
     # -- used by the callback ---------------------------------------------------------------
     def _steering_ops(self, dataloader: Any) -> ModelOps:
         trainer: Any = self
-        return ModelOps(
-            model=trainer.model,
-            dataset=dataloader.dataset,
-            collator=dataloader.collate_fn,
-            batch_size=trainer.args.per_device_eval_batch_size,
-            device=trainer.args.device,
-        )
+        size, device = trainer.args.per_device_eval_batch_size, trainer.args.device
+        evals = trainer.eval_dataset
+        names = list(evals) if isinstance(evals, Mapping) else ([None] if evals is not None else [])
+        # The Trainer's own evaluation loaders give each target set its columns and collator.
+        loaders = [trainer.get_eval_dataloader(name) for name in names]
+        targets = [ModelOps(trainer.model, ld.dataset, ld.collate_fn, size, device) for ld in loaders]
+        return ModelOps(trainer.model, dataloader.dataset, dataloader.collate_fn, size, device, targets)
 
 
 class SteeringCallback(TrainerCallback):

@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from datasteer import dist
+from datasteer.errors import SteeringStateError
 from datasteer.ops.embeddings import Pooling, embed
 from datasteer.ops.gradients import GradFeatureConfig, grad_features
 from datasteer.ops.keys import INDEX_KEY
@@ -32,6 +33,7 @@ class ModelOps:
         collator: turns a list of rows into a batch dict with ``labels``.
         batch_size: rows per forward pass.
         device: where batches go.
+        targets: the target (evaluation) sets, each bound to its own rows and collator.
     """
 
     def __init__(
@@ -41,12 +43,27 @@ class ModelOps:
         collator: Callable[[list[Any]], dict[str, Any]],
         batch_size: int,
         device: torch.device,
+        targets: Sequence[ModelOps] = (),
     ) -> None:
         self.model = model
         self.dataset = dataset
         self.collator = collator
         self.batch_size = batch_size
         self.device = device
+        self.targets = tuple(targets)
+
+    def target_embeddings(self, *, layer: int = -1, pooling: Pooling = "mean", normalize: bool = True) -> torch.Tensor:
+        """Embeddings of every row of every target set, concatenated in order.
+
+        Raises:
+            SteeringStateError: the run has no target (evaluation) set.
+        """
+        if not self.targets:
+            raise SteeringStateError("this algorithm needs target samples: give the run an evaluation set")
+        parts = [
+            t.embeddings(range(len(t.dataset)), layer=layer, pooling=pooling, normalize=normalize) for t in self.targets
+        ]
+        return torch.cat(parts)
 
     def _my_share(self, indices: Sequence[int] | torch.Tensor) -> tuple[list[int], int]:
         idx = torch.as_tensor(indices, dtype=torch.long).tolist()

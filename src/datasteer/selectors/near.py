@@ -1,0 +1,95 @@
+"""NEAR: the pool samples nearest to the target samples in embedding space."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from datasteer.config import doc
+from datasteer.errors import ConfigError
+from datasteer.ops.feature_store import topk_similarity
+from datasteer.registry import SELECTORS
+from datasteer.selectors.base import SelectContext, Selector
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class NearParams:
+    """Parameters of :class:`NearSelector`."""
+
+    neighbours: int = doc("Nearest pool samples kept per target (the depth of each neighbour list).", default=64)
+    pooling: Literal["mean", "last", "weighted"] = doc(
+        "How hidden states are pooled into an embedding.", default="mean"
+    )
+    layer: int = doc("Hidden layer to embed with (-1: the last).", default=-1)
+    refresh: bool = doc("Re-embed pool and targets at every update (false: once, at the first update).", default=False)
+
+    def __post_init__(self) -> None:
+        if self.neighbours < 1:
+            raise ConfigError(f"neighbours: must be >= 1, got {self.neighbours}")
+
+
+@SELECTORS.register("near")
+class NearSelector(Selector):
+    """NEAR: round-robin over each target's nearest pool samples, moving down the lists at every update.
+
+    Pool and target (evaluation) samples are embedded with the live model (pooled hidden
+    states, cosine similarity); each target keeps its ``neighbours`` nearest pool samples.
+    A selection takes the 1st neighbour of every target, then the 2nd, and so on, skipping
+    samples already taken; the next update continues further down the lists, so every
+    update serves new samples (the reference restarts from the top and so returns the same
+    set every time). When the lists run out, unused pool samples are drawn at random.
+    """
+
+    Params = NearParams
+    needs_model = True
+
+    def __init__(self, params: NearParams) -> None:
+        super().__init__(params)
+        self.neighbours: torch.Tensor | None = None  # (targets, depth) pool indices, nearest first
+        self.cursor = 0  # position in the rank-major neighbour order
+        self.used: torch.Tensor | None = None  # (pool,) bool
+
+    def _neighbour_lists(self, ctx: SelectContext) -> torch.Tensor:
+        assert ctx.ops is not None
+        p: NearParams = self.params
+        pool = ctx.ops.embeddings(torch.arange(ctx.pool_size), layer=p.layer, pooling=p.pooling)
+        targets = ctx.ops.target_embeddings(layer=p.layer, pooling=p.pooling)
+        _, indices = topk_similarity(pool, targets, min(p.neighbours, ctx.pool_size))
+        return indices
+
+    def select(self, ctx: SelectContext) -> torch.Tensor:
+        if self.neighbours is None or self.params.refresh:
+            self.neighbours = self._neighbour_lists(ctx)
+        if self.used is None:
+            self.used = torch.zeros(ctx.pool_size, dtype=torch.bool)
+        order = self.neighbours.T.reshape(-1)  # 1st neighbour of every target, then the 2nd, ...
+        chosen: list[int] = []
+        while len(chosen) < ctx.num_samples and self.cursor < len(order):
+            index = int(order[self.cursor])
+            self.cursor += 1
+            if not self.used[index]:
+                self.used[index] = True
+                chosen.append(index)
+        missing = ctx.num_samples - len(chosen)
+        if missing > 0:
+            free = torch.nonzero(~self.used).flatten()
+            if len(free) < missing:  # the whole pool has been served: a new round, keeping this update's picks
+                self.used[:] = False
+                self.used[torch.tensor(chosen, dtype=torch.long)] = True
+                free = torch.nonzero(~self.used).flatten()
+            logger.info("near: neighbour lists exhausted; %d samples drawn at random from unused ones", missing)
+            extra = free[torch.randperm(len(free), generator=ctx.generator)[:missing]]
+            self.used[extra] = True
+            chosen.extend(extra.tolist())
+        return torch.tensor(chosen, dtype=torch.long)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"neighbours": self.neighbours, "cursor": self.cursor, "used": self.used}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.neighbours, self.cursor, self.used = state["neighbours"], int(state["cursor"]), state["used"]
