@@ -387,3 +387,14 @@ def test_near_selects_the_domain_of_the_targets(tmp_path: Path) -> None:
     assert record["selected"] == 16 and record["unique"] == 16
     served = [i for s in (2, 3) for i in trainer.served()[s]]
     assert sorted(served) == sorted(set(served))
+
+
+def test_less_selects_more_of_the_targets_domain(tmp_path: Path) -> None:
+    targets = make_dataset(sizes=(0, 0, 6), seed=1).remove_columns("domain")  # 6 rows of domain gamma
+    params = {"proj_dim": 2048, "method": "vmap", "adam": True}
+    steering = {"paradigm": "select", "algorithm": "less", "warmup_steps": 2, "update_every": 2, "params": params}
+    run(tmp_path, steering, max_steps=4, eval_dataset=targets)
+    (record,) = read_records(tmp_path / "steering.jsonl")
+    # gamma is 20% of the pool; gradient alignment with gamma targets picks clearly more.
+    assert record["selected"] == 16 and record["unique"] == 16
+    assert record["domain_counts"]["gamma"] / 16 >= 0.5, record["domain_counts"]

@@ -120,3 +120,14 @@ def test_resume_through_llamafactory_matches_an_uninterrupted_run(tmp_path: Path
     part_weights = load_file(part / "model.safetensors")
     for name, tensor in full_weights.items():
         torch.testing.assert_close(part_weights[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_less_on_the_builtin_corpus_favours_the_targets_domain(tmp_path: Path) -> None:
+    """Targets drawn from one domain (held-out arithmetic): LESS selects a clearly larger
+    share of that domain than its share of the pool."""
+    train(EXAMPLES / "select_less.yaml", tmp_path, "max_steps=7", "datasteer.params.candidates=256")
+    (record,) = read_records(tmp_path / "steering.jsonl")
+    pool_share = 814 / 5887  # arithmetic rows / all rows of the packed pre-training pool
+    share = record["domain_counts"]["arithmetic"] / record["selected"]
+    assert share > 3 * pool_share, record["domain_counts"]

@@ -263,7 +263,7 @@ class SteeringMixin:
         return (loss, outputs) if return_outputs else loss
 
     # -- used by the callback ---------------------------------------------------------------
-    def _steering_ops(self, dataloader: Any) -> ModelOps:
+    def _steering_ops(self, dataloader: Any, optimizer: Any = None) -> ModelOps:
         trainer: Any = self
         size, device = trainer.args.per_device_eval_batch_size, trainer.args.device
         evals = trainer.eval_dataset
@@ -271,7 +271,7 @@ class SteeringMixin:
         # The Trainer's own evaluation loaders give each target set its columns and collator.
         loaders = [trainer.get_eval_dataloader(name) for name in names]
         targets = [ModelOps(trainer.model, ld.dataset, ld.collate_fn, size, device) for ld in loaders]
-        return ModelOps(trainer.model, dataloader.dataset, dataloader.collate_fn, size, device, targets)
+        return ModelOps(trainer.model, dataloader.dataset, dataloader.collate_fn, size, device, targets, optimizer)
 
 
 class SteeringCallback(TrainerCallback):
@@ -282,7 +282,8 @@ class SteeringCallback(TrainerCallback):
 
     def _ops(self, kwargs: dict[str, Any]) -> Any:
         loader = kwargs.get("train_dataloader")
-        return (lambda: self.trainer._steering_ops(loader)) if loader is not None else None
+        optimizer = kwargs.get("optimizer")
+        return (lambda: self.trainer._steering_ops(loader, optimizer)) if loader is not None else None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         ctl = self.trainer.steering

@@ -34,6 +34,7 @@ class ModelOps:
         batch_size: rows per forward pass.
         device: where batches go.
         targets: the target (evaluation) sets, each bound to its own rows and collator.
+        optimizer: the live optimizer (for optimizer-aware gradient features), if any.
     """
 
     def __init__(
@@ -44,6 +45,7 @@ class ModelOps:
         batch_size: int,
         device: torch.device,
         targets: Sequence[ModelOps] = (),
+        optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
         self.model = model
         self.dataset = dataset
@@ -51,6 +53,7 @@ class ModelOps:
         self.batch_size = batch_size
         self.device = device
         self.targets = tuple(targets)
+        self.optimizer = optimizer
 
     def target_embeddings(self, *, layer: int = -1, pooling: Pooling = "mean", normalize: bool = True) -> torch.Tensor:
         """Embeddings of every row of every target set, concatenated in order.

@@ -1,0 +1,80 @@
+"""LESS: select the pool samples whose gradients align best with the target samples' gradients."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from datasteer.config import doc
+from datasteer.errors import ConfigError
+from datasteer.ops.feature_store import mean_similarity
+from datasteer.ops.gradients import GradFeatureConfig
+from datasteer.registry import SELECTORS
+from datasteer.selectors.base import SelectContext, Selector
+
+
+@dataclass
+class LessParams:
+    """Parameters of :class:`LessSelector`."""
+
+    proj_dim: int = doc("Dimension of the random projection of the gradients (paper: 8192).", default=1024)
+    method: str = doc(
+        "Gradient-feature method: vmap, loop or dense (Adam-aware); logra (SGD features only).", default="vmap"
+    )
+    adam: bool = doc(
+        "Precondition candidate gradients with the live Adam state, as one more Adam step would (paper: yes).",
+        default=True,
+    )
+    candidates: int | None = doc(
+        "Score a fresh random subset of this many pool samples per update (null: all).", default=None
+    )
+    projection_seed: int = doc("Seed of the projection (fixed for the run, so scores are comparable).", default=0)
+
+    def __post_init__(self) -> None:
+        if self.proj_dim < 1:
+            raise ConfigError(f"proj_dim: must be >= 1, got {self.proj_dim}")
+        if self.method not in ("vmap", "loop", "dense", "logra"):
+            raise ConfigError(f"method: {self.method!r} is not allowed; choose one of 'vmap', 'loop', 'dense', 'logra'")
+        if self.method == "logra" and self.adam:
+            raise ConfigError("method: logra never forms full gradients, so it cannot apply Adam; set adam: false")
+        if self.candidates is not None and self.candidates < 1:
+            raise ConfigError(f"candidates: must be >= 1 or null, got {self.candidates}")
+
+
+@SELECTORS.register("less")
+class LessSelector(Selector):
+    """LESS (Xia et al., 2024; arXiv 2402.04333): top-k pool samples by gradient cosine with the targets.
+
+    Candidate feature: the gradient of the sample's loss w.r.t. the trainable parameters,
+    preconditioned with the live optimizer's Adam state (its betas, epsilon and bias
+    correction, as one more Adam step on the sample would see it), randomly projected to
+    ``proj_dim`` and L2-normalised. Target feature: the plain projected, normalised
+    gradient of each target (evaluation) sample. A candidate's score is its mean cosine
+    with the targets of each target set, maximised over target sets (the paper's subtasks);
+    the top ``num_samples`` are selected. Online: re-scored with the live model at every
+    update; ``max_updates: 1`` with a long ``update_every`` scores once from the warm-up
+    state (offline use). Features are computed in batches, sharded over ranks.
+    """
+
+    Params = LessParams
+    needs_model = True
+
+    def select(self, ctx: SelectContext) -> torch.Tensor:
+        p: LessParams = self.params
+        ops = ctx.ops
+        assert ops is not None
+        if not ops.targets:
+            raise ConfigError("less: needs target samples; give the run an evaluation set (eval_dataset)")
+        if p.candidates is None or p.candidates >= ctx.pool_size:
+            candidates = torch.arange(ctx.pool_size)
+        else:
+            candidates = torch.randperm(ctx.pool_size, generator=ctx.generator)[: p.candidates].sort().values
+        config = GradFeatureConfig(method=p.method, proj_dim=p.proj_dim, seed=p.projection_seed)  # type: ignore[arg-type]
+        optimizer = ops.optimizer if p.adam else None
+        pool = ops.gradient_features(candidates, config, optimizer=optimizer)
+        scores = torch.stack(
+            [mean_similarity(pool, t.gradient_features(range(len(t.dataset)), config)) for t in ops.targets]
+        ).amax(dim=0)
+        top = torch.topk(scores, min(ctx.num_samples, len(candidates))).indices
+        return candidates[top]
