@@ -29,6 +29,13 @@ class SelectContext(UpdateContext):
     domains: torch.Tensor
 
 
+def candidate_subset(ctx: SelectContext, size: int | None) -> torch.Tensor:
+    """Pool indices to score this update: all of them, or a fresh sorted random subset of ``size``."""
+    if size is None or size >= ctx.pool_size:
+        return torch.arange(ctx.pool_size)
+    return torch.randperm(ctx.pool_size, generator=ctx.generator)[:size].sort().values
+
+
 class Selector(Algorithm):
     """Chooses pool indices for the steps until the next update."""
 

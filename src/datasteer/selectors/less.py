@@ -11,7 +11,7 @@ from datasteer.errors import ConfigError
 from datasteer.ops.feature_store import mean_similarity
 from datasteer.ops.gradients import GradFeatureConfig
 from datasteer.registry import SELECTORS
-from datasteer.selectors.base import SelectContext, Selector
+from datasteer.selectors.base import SelectContext, Selector, candidate_subset
 
 
 @dataclass
@@ -66,10 +66,7 @@ class LessSelector(Selector):
         assert ops is not None
         if not ops.targets:
             raise ConfigError("less: needs target samples; give the run an evaluation set (eval_dataset)")
-        if p.candidates is None or p.candidates >= ctx.pool_size:
-            candidates = torch.arange(ctx.pool_size)
-        else:
-            candidates = torch.randperm(ctx.pool_size, generator=ctx.generator)[: p.candidates].sort().values
+        candidates = candidate_subset(ctx, p.candidates)
         config = GradFeatureConfig(method=p.method, proj_dim=p.proj_dim, seed=p.projection_seed)  # type: ignore[arg-type]
         optimizer = ops.optimizer if p.adam else None
         pool = ops.gradient_features(candidates, config, optimizer=optimizer)

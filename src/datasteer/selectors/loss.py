@@ -11,7 +11,7 @@ import torch
 from datasteer.config import doc
 from datasteer.errors import ConfigError
 from datasteer.registry import SELECTORS
-from datasteer.selectors.base import SelectContext, Selector
+from datasteer.selectors.base import SelectContext, Selector, candidate_subset
 
 logger = logging.getLogger(__name__)
 
@@ -79,10 +79,7 @@ class LossSelector(Selector):
     def select(self, ctx: SelectContext) -> torch.Tensor:
         p: LossSelectParams = self.params
         assert ctx.ops is not None
-        if p.candidates is None or p.candidates >= ctx.pool_size:
-            candidates = torch.arange(ctx.pool_size)
-        else:
-            candidates = torch.randperm(ctx.pool_size, generator=ctx.generator)[: p.candidates].sort().values
+        candidates = candidate_subset(ctx, p.candidates)
         losses = ctx.ops.sample_losses(candidates, desc=f"loss selector, update {ctx.update}")
         probs = tier_probabilities(losses, p)
         available = int((probs > 0).sum())
