@@ -25,6 +25,15 @@ STEERING = {
     "select": {"paradigm": "select", "algorithm": "random", "warmup_steps": 1, "update_every": 3, "seed": 9},
     "weight": {"paradigm": "weight", "algorithm": "uniform"},
     "odm": {"paradigm": "mix", "algorithm": "odm", "update_every": 1, "seed": 9},
+    "near": {"paradigm": "select", "algorithm": "near", "warmup_steps": 1, "update_every": 3, "seed": 9},
+    "less": {
+        "paradigm": "select",
+        "algorithm": "less",
+        "warmup_steps": 1,
+        "update_every": 3,
+        "seed": 9,
+        "params": {"proj_dim": 512},
+    },
 }
 
 
@@ -56,6 +65,7 @@ def main() -> None:
         model=make_model(),
         args=args,
         train_dataset=make_dataset(),
+        eval_dataset=make_dataset(sizes=(0, 0, 6), seed=1).remove_columns("domain"),
         data_collator=default_data_collator,
         steering=STEERING[paradigm],
     )
