@@ -398,3 +398,18 @@ def test_less_selects_more_of_the_targets_domain(tmp_path: Path) -> None:
     # gamma is 20% of the pool; gradient alignment with gamma targets picks clearly more.
     assert record["selected"] == 16 and record["unique"] == 16
     assert record["domain_counts"]["gamma"] / 16 >= 0.5, record["domain_counts"]
+
+
+def test_proportions_of_the_wrong_length_fail_when_the_trainer_is_built(tmp_path: Path) -> None:
+    from datasteer.errors import ConfigError
+
+    steering = {"paradigm": "mix", "algorithm": "static", "params": {"proportions": [0.5, 0.5]}}
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
+    with pytest.raises(ConfigError, match=r"expected 3 proportions \(one per domain\), got 2"):
+        SteeringTrainer(
+            model=make_model(),
+            args=args,
+            train_dataset=make_dataset(),
+            data_collator=default_data_collator,
+            steering=steering,
+        )

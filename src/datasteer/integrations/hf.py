@@ -34,7 +34,9 @@ from transformers.trainer_utils import get_last_checkpoint
 from datasteer.config import SteeringConfig, load_steering
 from datasteer.controller import SteeringController
 from datasteer.errors import ConfigError, SteeringStateError
+from datasteer.mixers.base import Mixer
 from datasteer.ops import INDEX_KEY, ModelOps, per_sample_loss
+from datasteer.registry import registry_for
 from datasteer.runlog import RunLog
 
 logger = logging.getLogger(__name__)
@@ -172,6 +174,9 @@ class SteeringMixin:
         if args_.ignore_data_skip:
             raise ConfigError("ignore_data_skip: datasteer resumes exactly; set ignore_data_skip: false")
         self._steering_domains, self._steering_domain_names = resolved
+        algorithm = registry_for(config.paradigm).build(config.algorithm, config.params)
+        if isinstance(algorithm, Mixer):  # e.g. proportions of the wrong length: fail now, not at train()
+            algorithm.check_domains(self._steering_domain_names)
         if hasattr(dataset, "column_names") and hasattr(dataset, "add_column"):
             if DOMAIN_COLUMN in dataset.column_names:
                 dataset = dataset.remove_columns(DOMAIN_COLUMN)
