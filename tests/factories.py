@@ -7,6 +7,9 @@ import torch
 from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from datasteer.rng import torch_generator
+from datasteer.selectors.base import SelectContext
+
 VOCAB = 64
 SEQ = 12
 DOMAINS = ("alpha", "beta", "gamma")
@@ -40,3 +43,29 @@ def make_dataset(sizes: tuple[int, ...] = (40, 24, 16), seed: int = 0) -> Datase
             rows["labels"].append(ids)
             rows["domain"].append(DOMAINS[d])
     return Dataset.from_dict(rows)
+
+
+def select_context(
+    *,
+    num_samples: int,
+    pool_size: int,
+    ops: object = None,
+    update: int = 0,
+    total_updates: int = 1,
+    seed: int = 0,
+) -> SelectContext:
+    """A selection context for unit tests: one domain, generator seeded by (seed, update)."""
+    return SelectContext(
+        step=0,
+        first_step=1,
+        last_step=1,
+        max_steps=10,
+        update=update,
+        domain_names=("x",),
+        generator=torch_generator(seed, "select", update),
+        total_updates=total_updates,
+        num_samples=num_samples,
+        pool_size=pool_size,
+        domains=torch.zeros(pool_size, dtype=torch.long),
+        ops=ops,  # type: ignore[arg-type]
+    )

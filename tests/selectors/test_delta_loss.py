@@ -9,9 +9,9 @@ import torch
 
 from datasteer.config import parse_dataclass
 from datasteer.errors import ConfigError
-from datasteer.rng import torch_generator
 from datasteer.selectors.base import SelectContext
 from datasteer.selectors.delta_loss import DeltaLossParams, DeltaLossSelector, window_bounds
+from tests.factories import select_context
 
 SORTED = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0, 0.5, 0.2, 0.1, 0.05, 0.01])  # all positive
 
@@ -47,21 +47,7 @@ class FakeOps:
 
 
 def ctx(ops: FakeOps, update: int, total: int, n: int) -> SelectContext:
-    pool = 10
-    return SelectContext(
-        step=0,
-        first_step=1,
-        last_step=1,
-        max_steps=10,
-        update=update,
-        domain_names=("x",),
-        generator=torch_generator(0, "select", update),
-        total_updates=total,
-        num_samples=n,
-        pool_size=pool,
-        domains=torch.zeros(pool, dtype=torch.long),
-        ops=ops,  # type: ignore[arg-type]
-    )
+    return select_context(ops=ops, num_samples=n, pool_size=10, update=update, total_updates=total)
 
 
 def test_progress_runs_over_the_delta_updates_and_survives_a_single_one() -> None:

@@ -11,6 +11,7 @@ from datasteer.errors import ConfigError
 from datasteer.rng import torch_generator
 from datasteer.selectors.base import SelectContext
 from datasteer.selectors.less import LessParams, LessSelector
+from tests.factories import select_context
 
 POOL = torch.randn(12, 5, generator=torch_generator(1, "pool"))
 
@@ -36,20 +37,7 @@ class FakeOps:
 
 
 def ctx(ops: FakeOps, n: int) -> SelectContext:
-    return SelectContext(
-        step=0,
-        first_step=1,
-        last_step=1,
-        max_steps=10,
-        update=0,
-        domain_names=("x",),
-        generator=torch_generator(0, "select", 0),
-        total_updates=1,
-        num_samples=n,
-        pool_size=len(POOL),
-        domains=torch.zeros(len(POOL), dtype=torch.long),
-        ops=ops,  # type: ignore[arg-type]
-    )
+    return select_context(ops=ops, num_samples=n, pool_size=len(POOL))
 
 
 def direct_scores(targets: torch.Tensor) -> torch.Tensor:

@@ -9,9 +9,9 @@ import torch
 
 from datasteer.config import parse_dataclass
 from datasteer.errors import ConfigError
-from datasteer.rng import torch_generator
 from datasteer.selectors.base import SelectContext
 from datasteer.selectors.loss import LossSelector, LossSelectParams, tier_probabilities
+from tests.factories import select_context
 
 LOSSES = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
 # torch.quantile (linear): q(0.33) = 2 + 0.65 = 2.65, q(0.66) = 4 + 0.3 = 4.3
@@ -52,21 +52,7 @@ class FakeOps:
 
 
 def ctx(ops: FakeOps, n: int, seed: int = 0) -> SelectContext:
-    pool = len(ops.losses)
-    return SelectContext(
-        step=0,
-        first_step=1,
-        last_step=1,
-        max_steps=1,
-        update=0,
-        total_updates=1,
-        domain_names=("x",),
-        generator=torch_generator(seed, "select", 0),
-        num_samples=n,
-        pool_size=pool,
-        domains=torch.zeros(pool, dtype=torch.long),
-        ops=ops,  # type: ignore[arg-type]
-    )
+    return select_context(ops=ops, num_samples=n, pool_size=len(ops.losses), seed=seed)
 
 
 def test_draws_without_replacement_and_favours_the_focus_tier() -> None:

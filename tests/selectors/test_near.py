@@ -9,9 +9,9 @@ import torch
 
 from datasteer.config import parse_dataclass
 from datasteer.errors import ConfigError
-from datasteer.rng import torch_generator
 from datasteer.selectors.base import SelectContext
 from datasteer.selectors.near import NearParams, NearSelector
+from tests.factories import select_context
 
 
 def unit(degrees: float) -> list[float]:
@@ -36,20 +36,7 @@ class FakeOps:
 
 
 def ctx(ops: FakeOps, update: int, n: int) -> SelectContext:
-    return SelectContext(
-        step=0,
-        first_step=1,
-        last_step=1,
-        max_steps=10,
-        update=update,
-        domain_names=("x",),
-        generator=torch_generator(0, "select", update),
-        total_updates=3,
-        num_samples=n,
-        pool_size=len(POOL),
-        domains=torch.zeros(len(POOL), dtype=torch.long),
-        ops=ops,  # type: ignore[arg-type]
-    )
+    return select_context(ops=ops, num_samples=n, pool_size=len(POOL), update=update, total_updates=3)
 
 
 def test_round_robin_over_neighbour_lists_moves_down_at_each_update() -> None:
