@@ -234,7 +234,8 @@ def test_accumulation_1x4_equals_4x1(tmp_path: Path, index_weighter: str) -> Non
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize(
+#: One random mixer and one random selector run: the record and stream depend on the seed only.
+RANDOM_RUNS = pytest.mark.parametrize(
     "steering",
     [
         {"paradigm": "mix", "algorithm": "random", "update_every": 2},
@@ -242,6 +243,9 @@ def test_accumulation_1x4_equals_4x1(tmp_path: Path, index_weighter: str) -> Non
     ],
     ids=["mix", "select"],
 )
+
+
+@RANDOM_RUNS
 def test_same_seed_gives_the_same_record(tmp_path: Path, steering: dict[str, Any]) -> None:
     a = run(tmp_path / "a", steering, max_steps=6)
     b = run(tmp_path / "b", steering, max_steps=6)
@@ -251,14 +255,7 @@ def test_same_seed_gives_the_same_record(tmp_path: Path, steering: dict[str, Any
     assert a.served() == b.served()
 
 
-@pytest.mark.parametrize(
-    "steering",
-    [
-        {"paradigm": "mix", "algorithm": "random", "update_every": 2},
-        {"paradigm": "select", "algorithm": "random", "warmup_steps": 1, "update_every": 3},
-    ],
-    ids=["mix", "select"],
-)
+@RANDOM_RUNS
 def test_resume_matches_an_uninterrupted_run(tmp_path: Path, steering: dict[str, Any]) -> None:
     # max_steps 12 with a pool of 80 and batch 8 crosses an epoch boundary (10 steps/epoch).
     full = run(tmp_path / "full", steering, max_steps=12, save_steps=4)

@@ -5,24 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from datasteer.rng import torch_generator
 from datasteer.selectors.base import SelectContext
 from datasteer.selectors.random import RandomSelector, RandomSelectParams
+from tests.factories import select_context
 
 
 def context(num_samples: int, pool_size: int, seed: int = 0, update: int = 0) -> SelectContext:
-    return SelectContext(
-        step=0,
-        first_step=1,
-        last_step=4,
-        max_steps=4,
-        update=update,
-        total_updates=update + 1,
-        num_samples=num_samples,
-        pool_size=pool_size,
-        domains=torch.zeros(pool_size, dtype=torch.long),
-        domain_names=("all",),
-        generator=torch_generator(seed, "select", update),
+    return select_context(
+        num_samples=num_samples, pool_size=pool_size, update=update, total_updates=update + 1, seed=seed
     )
 
 
