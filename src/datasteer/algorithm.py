@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from datasteer.ops import ModelOps
 
 
@@ -50,6 +52,12 @@ class Algorithm:
 
     def __init__(self, params: Any) -> None:
         self.params = params
+
+    def prepare_model(self, model: nn.Module) -> None:
+        """Adjust the model once, before the optimizer is built (e.g. freeze parameters).
+
+        Called by the integrations when the trainer is created. Default: nothing.
+        """
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue after a resume; tensors and plain Python only."""

@@ -177,6 +177,7 @@ class SteeringMixin:
         algorithm = registry_for(config.paradigm).build(config.algorithm, config.params)
         if isinstance(algorithm, Mixer):  # e.g. proportions of the wrong length: fail now, not at train()
             algorithm.check_domains(self._steering_domain_names)
+        algorithm.prepare_model(trainer.model)
         if hasattr(dataset, "column_names") and hasattr(dataset, "add_column"):
             if DOMAIN_COLUMN in dataset.column_names:
                 dataset = dataset.remove_columns(DOMAIN_COLUMN)
