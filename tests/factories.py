@@ -7,6 +7,7 @@ import torch
 from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from datasteer.mixers.base import MixContext
 from datasteer.rng import torch_generator
 from datasteer.selectors.base import SelectContext
 
@@ -67,5 +68,39 @@ def select_context(
         num_samples=num_samples,
         pool_size=pool_size,
         domains=torch.zeros(pool_size, dtype=torch.long),
+        ops=ops,  # type: ignore[arg-type]
+    )
+
+
+def mix_context(
+    *,
+    k: int = 3,
+    update: int = 0,
+    seed: int = 0,
+    step: int = 0,
+    first_step: int = 1,
+    last_step: int = 10,
+    max_steps: int = 100,
+    names: tuple[str, ...] | None = None,
+    sizes: tuple[int, ...] | None = None,
+    ops: object = None,
+    domains: torch.Tensor | None = None,
+) -> MixContext:
+    """A mixing context for unit tests: K domains (uniform proportions), generator seeded by (seed, update)."""
+    names = names or tuple(f"d{i}" for i in range(k))
+    sizes = sizes or (5,) * len(names)
+    if domains is None:
+        domains = torch.repeat_interleave(torch.arange(len(names)), torch.tensor(sizes))
+    return MixContext(
+        step=step,
+        first_step=first_step,
+        last_step=last_step,
+        max_steps=max_steps,
+        update=update,
+        domain_names=names,
+        domain_sizes=sizes,
+        proportions=torch.full((len(names),), 1.0 / len(names), dtype=torch.float64),
+        domains=domains,
+        generator=torch_generator(seed, "mix", update),
         ops=ops,  # type: ignore[arg-type]
     )

@@ -26,6 +26,7 @@ from datasteer.samplers import SteeringSampler
 from datasteer.selectors.base import SelectContext, Selector
 from datasteer.selectors.random import RandomSelector, RandomSelectParams
 from datasteer.weighters.base import WeightContext, Weighter
+from tests.factories import mix_context
 
 NAMES = ("a", "b", "c")
 DOMAINS = np.array([0] * 10 + [1] * 6 + [2] * 8)  # 24 samples
@@ -158,17 +159,7 @@ MIX_RANDOM = {"paradigm": "mix", "algorithm": "random", "warmup_steps": 2, "upda
 
 
 def expected_random_mix(update: int) -> np.ndarray:
-    ctx = MixContext(
-        step=0,
-        first_step=1,
-        last_step=1,
-        max_steps=10,
-        update=update,
-        domain_names=NAMES,
-        domain_sizes=(10, 6, 8),
-        proportions=torch.full((3,), 1 / 3, dtype=torch.float64),
-        generator=torch_generator(SEED, "mix", update),
-    )
+    ctx = mix_context(names=NAMES, sizes=(10, 6, 8), update=update, seed=SEED, last_step=1, max_steps=10)
     return RandomMixer(RandomMixParams()).update(ctx).numpy()
 
 

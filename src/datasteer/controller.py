@@ -243,6 +243,7 @@ class SteeringController:
             domain_names=self.domain_names,
             domain_sizes=sizes,
             proportions=current,
+            domains=torch.from_numpy(self.domains),
             generator=torch_generator(self.seed, "mix", update),
             ops=ops,
         )

@@ -11,7 +11,7 @@ from datasteer.config import parse_dataclass
 from datasteer.errors import ConfigError
 from datasteer.mixers.base import DomainStats, MixContext
 from datasteer.mixers.odm import ODMMixer, ODMParams
-from datasteer.rng import torch_generator
+from tests.factories import mix_context
 
 NAMES = ("a", "b", "c")
 
@@ -22,17 +22,7 @@ def stats(step: int, proportions: list[float], samples: list[float], loss_sum: l
 
 
 def ctx(update: int) -> MixContext:
-    return MixContext(
-        step=update,
-        first_step=update + 1,
-        last_step=update + 1,
-        max_steps=100,
-        update=update,
-        domain_names=NAMES,
-        generator=torch_generator(0, "t"),
-        domain_sizes=(10, 10, 10),
-        proportions=torch.full((3,), 1 / 3, dtype=torch.float64),
-    )
+    return mix_context(names=NAMES, update=update, step=update, first_step=update + 1, last_step=update + 1)
 
 
 def softmax(xs: list[float]) -> list[float]:

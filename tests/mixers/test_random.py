@@ -9,21 +9,11 @@ from datasteer.config import load_steering
 from datasteer.errors import ConfigError
 from datasteer.mixers.base import MixContext
 from datasteer.mixers.random import RandomMixer, RandomMixParams
-from datasteer.rng import torch_generator
+from tests.factories import mix_context
 
 
 def context(seed: int, update: int, k: int = 3) -> MixContext:
-    return MixContext(
-        step=0,
-        first_step=1,
-        last_step=10,
-        max_steps=10,
-        update=update,
-        domain_names=tuple(f"d{i}" for i in range(k)),
-        domain_sizes=(5,) * k,
-        proportions=torch.full((k,), 1.0 / k, dtype=torch.float64),
-        generator=torch_generator(seed, "mix", update),
-    )
+    return mix_context(k=k, update=update, seed=seed, last_step=10, max_steps=10)
 
 
 @pytest.mark.parametrize("concentration", [0.1, 1.0, 10.0])

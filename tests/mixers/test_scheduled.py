@@ -9,7 +9,7 @@ from datasteer.config import load_steering
 from datasteer.errors import ConfigError
 from datasteer.mixers.base import MixContext
 from datasteer.mixers.scheduled import ScheduledMixer
-from datasteer.rng import torch_generator
+from tests.factories import mix_context
 
 
 def mixer(schedule: list) -> ScheduledMixer:
@@ -22,17 +22,7 @@ def close(got: torch.Tensor, expected: list[float]) -> bool:
 
 
 def context(first_step: int, k: int) -> MixContext:
-    return MixContext(
-        step=max(0, first_step - 2),
-        first_step=first_step,
-        last_step=first_step + 4,
-        max_steps=100,
-        update=0,
-        domain_names=tuple(f"d{i}" for i in range(k)),
-        domain_sizes=(5,) * k,
-        proportions=torch.full((k,), 1.0 / k, dtype=torch.float64),
-        generator=torch_generator(0, "mix", 0),
-    )
+    return mix_context(k=k, step=max(0, first_step - 2), first_step=first_step, last_step=first_step + 4)
 
 
 def test_two_points() -> None:

@@ -9,23 +9,13 @@ from datasteer.config import load_steering
 from datasteer.errors import ConfigError
 from datasteer.mixers.base import MixContext
 from datasteer.mixers.static import StaticMixer, StaticParams
-from datasteer.rng import torch_generator
+from tests.factories import mix_context
 
 NAMES = ("a", "b", "c", "d")
 
 
 def context(k: int = 4, update: int = 0) -> MixContext:
-    return MixContext(
-        step=0,
-        first_step=1,
-        last_step=10,
-        max_steps=10,
-        update=update,
-        domain_names=NAMES[:k],
-        domain_sizes=(5,) * k,
-        proportions=torch.full((k,), 1.0 / k, dtype=torch.float64),
-        generator=torch_generator(0, "mix", update),
-    )
+    return mix_context(k=k, update=update, names=NAMES[:k], last_step=10, max_steps=10)
 
 
 def test_default_is_uniform() -> None:

@@ -276,7 +276,10 @@ class SteeringMixin:
         names = list(evals) if isinstance(evals, Mapping) else ([None] if evals is not None else [])
         # The Trainer's own evaluation loaders give each target set its columns and collator.
         loaders = [trainer.get_eval_dataloader(name) for name in names]
-        targets = [ModelOps(trainer.model, ld.dataset, ld.collate_fn, size, device) for ld in loaders]
+        targets = [
+            ModelOps(trainer.model, ld.dataset, ld.collate_fn, size, device, name=name)
+            for ld, name in zip(loaders, names, strict=True)
+        ]
         return ModelOps(trainer.model, dataloader.dataset, dataloader.collate_fn, size, device, targets, optimizer)
 
 

@@ -40,10 +40,13 @@ class MixContext(UpdateContext):
     Attributes:
         domain_sizes: number of pool samples in each domain.
         proportions: the proportions in force now, shape ``(K,)``, float64.
+        domains: domain id of each pool sample, shape ``(pool_size,)`` (for mixers that
+            evaluate the model on pool samples of each domain).
     """
 
     domain_sizes: tuple[int, ...]
     proportions: torch.Tensor
+    domains: torch.Tensor
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ class ModelOps:
         device: where batches go.
         targets: the target (evaluation) sets, each bound to its own rows and collator.
         optimizer: the live optimizer (for optimizer-aware gradient features), if any.
+        name: the data set's name (an evaluation set's key, e.g. a domain), if it has one.
     """
 
     def __init__(
@@ -46,6 +47,7 @@ class ModelOps:
         device: torch.device,
         targets: Sequence[ModelOps] = (),
         optimizer: torch.optim.Optimizer | None = None,
+        name: str | None = None,
     ) -> None:
         self.model = model
         self.dataset = dataset
@@ -54,6 +56,7 @@ class ModelOps:
         self.device = device
         self.targets = tuple(targets)
         self.optimizer = optimizer
+        self.name = name
 
     def target_embeddings(self, *, layer: int = -1, pooling: Pooling = "mean", normalize: bool = True) -> torch.Tensor:
         """Embeddings of every row of every target set, concatenated in order.
