@@ -87,6 +87,10 @@ class Schedule:
         return result
 
 
+def _numpy(values: torch.Tensor) -> np.ndarray:
+    return values.detach().double().cpu().numpy()
+
+
 def digest(indices: np.ndarray) -> str:
     """Short stable fingerprint of an index array (order-sensitive)."""
     return hashlib.sha256(np.ascontiguousarray(indices, dtype=np.int64).tobytes()).hexdigest()[:16]
@@ -127,8 +131,8 @@ class SteeringController:
         self.max_steps = 0
         self._resumed_at: int | None = None
         self._served = np.zeros(len(self.domain_names), dtype=np.int64)
-        # samples, loss sum, tokens, token-loss sum per domain, of the current step
-        self._step_stats = np.zeros((4, len(self.domain_names)), dtype=np.float64)
+        # samples, loss sum, tokens, token-loss sum, excess-loss sum per domain, of the current step
+        self._step_stats = np.zeros((5, len(self.domain_names)), dtype=np.float64)
         self._weight_stats: list[float] | None = None  # sum, count, min, max of this step
         self._weight_seconds = 0.0
         self._micro = 0
@@ -154,8 +158,29 @@ class SteeringController:
 
     @property
     def weights_samples(self) -> bool:
-        """Whether the training loss is reweighted per sample."""
-        return isinstance(self.algorithm, Weighter)
+        """Whether the training loss is reweighted per sample (by a weighter, or per domain by a mixer)."""
+        return isinstance(self.algorithm, Weighter) or (
+            isinstance(self.algorithm, Mixer) and self.algorithm.weights_loss
+        )
+
+    @property
+    def reference_model(self) -> str | None:
+        """Path of the reference model whose per-token losses the mixer needs, if any."""
+        return self.algorithm.reference_model() if isinstance(self.algorithm, Mixer) else None
+
+    def learned_proportions(self) -> dict[str, Any] | None:
+        """What a mixer learned over the run (DoReMi's averaged weights), for a later static run."""
+        if not isinstance(self.algorithm, Mixer):
+            return None
+        learned = self.algorithm.learned_proportions()
+        if learned is None:
+            return None
+        props = self._check_proportions(learned)
+        return {
+            "algorithm": self.config.algorithm,
+            "domains": list(self.domain_names),
+            "proportions": [float(p) for p in props],
+        }
 
     # -- training events ---------------------------------------------------------------
     def begin(self, max_steps: int, ops: Callable[[], ModelOps] | None = None) -> list[dict[str, Any]]:
@@ -250,10 +275,15 @@ class SteeringController:
 
     # -- per-batch hooks ---------------------------------------------------------------
     def observe(
-        self, indices: torch.Tensor, losses: torch.Tensor | None = None, tokens: torch.Tensor | None = None
+        self,
+        indices: torch.Tensor,
+        losses: torch.Tensor | None = None,
+        tokens: torch.Tensor | None = None,
+        excess: torch.Tensor | None = None,
     ) -> None:
         """Note a trained micro-batch: its domains (reported with the next event) and, when
-        given, its per-sample token-mean losses and labelled-token counts (for mixers)."""
+        given, its per-sample token-mean losses, labelled-token counts and summed excess
+        losses over a reference model (for mixers)."""
         ids = self.domains[indices.detach().cpu().numpy()]
         k = len(self.domain_names)
         self._served += np.bincount(ids, minlength=k)
@@ -266,6 +296,7 @@ class SteeringController:
                     np.bincount(ids, weights=loss, minlength=k),
                     np.bincount(ids, weights=count, minlength=k),
                     np.bincount(ids, weights=loss * count, minlength=k),
+                    np.bincount(ids, weights=_numpy(excess), minlength=k) if excess is not None else np.zeros(k),
                 ]
             )
 
@@ -280,10 +311,13 @@ class SteeringController:
             loss_sum=total[1],
             tokens=total[2],
             token_loss_sum=total[3],
+            excess_sum=total[4] if self.reference_model is not None else None,
         )
 
     def sample_weights(self, step: int, losses: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Weights of one micro-batch of step ``step`` (1 during warm-up)."""
+        """Weights of one micro-batch of step ``step`` (1 during a weighter's warm-up)."""
+        if isinstance(self.algorithm, Mixer) and self.algorithm.weights_loss:
+            return self._domain_loss_weights(step, losses, indices)
         if not isinstance(self.algorithm, Weighter) or step <= self.config.warmup_steps:
             return torch.ones_like(losses)
         started = time.perf_counter()
@@ -312,6 +346,18 @@ class SteeringController:
             self._weight_stats = [s[0] + stats[0], s[1] + stats[1], min(s[2], stats[2]), max(s[3], stats[3])]
         self._weight_seconds += time.perf_counter() - started
         return weights
+
+    def _domain_loss_weights(self, step: int, losses: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """``w_i = alpha_d * B / n_d`` for a sample of domain d, ``n_d`` the step's domain-d samples
+        over all micro-batches and ranks, so that ``(1/B) sum_i w_i l_i = sum_d alpha_d L_d``."""
+        assert isinstance(self.algorithm, Mixer) and isinstance(self.sampler, MixtureSampler)
+        alpha = self.algorithm.loss_weights()
+        if alpha is None or alpha.shape != (len(self.domain_names),):
+            raise SteeringStateError(f"{self.config.algorithm} returned invalid loss weights {alpha}")
+        counts = torch.from_numpy(self.sampler.domain_counts(step)).double()
+        per_domain = torch.where(counts > 0, alpha.double() * self.global_batch / counts.clamp_min(1), 0.0)
+        ids = torch.from_numpy(self.domains[indices.detach().cpu().numpy()])
+        return per_domain[ids].to(losses.device, losses.dtype)
 
     def _weight_event(self, step: int) -> list[dict[str, Any]]:
         s = self._weight_stats or [0.0, 0.0, float("inf"), float("-inf")]
@@ -344,8 +390,18 @@ class SteeringController:
         logger.info("steering %s", full)
         return full
 
+    def _per_domain(self, values: Any) -> dict[str, float]:
+        return {n: round(float(v), 8) for n, v in zip(self.domain_names, values, strict=True)}
+
     def _mix_payload(self, props: np.ndarray) -> dict[str, Any]:
-        return {"proportions": {n: round(float(p), 8) for n, p in zip(self.domain_names, props, strict=True)}}
+        payload: dict[str, Any] = {"proportions": self._per_domain(props)}
+        assert isinstance(self.algorithm, Mixer)
+        for key, value in self.algorithm.report().items():
+            if isinstance(value, torch.Tensor) and value.shape == (len(self.domain_names),):
+                payload[key] = self._per_domain(value.tolist())
+            else:
+                payload[key] = value.tolist() if isinstance(value, torch.Tensor) else float(value)
+        return payload
 
     def _select_payload(self, chosen: np.ndarray) -> dict[str, Any]:
         counts = np.bincount(self.domains[chosen], minlength=len(self.domain_names))

@@ -240,15 +240,19 @@ class MixtureSampler(SteeringSampler):
             raise ValueError(f"domains {empty} have no samples but positive proportions")
         super().add_plan(first_step, p)
 
+    def domain_counts(self, step: int) -> np.ndarray:
+        """How many samples of each domain step ``step`` serves (a pure function of the plan)."""
+        _, p = self.plan_at(step)
+        u = float(torch.rand((), generator=torch_generator(self.seed, "mix-counts", step), dtype=torch.float64))
+        return systematic_counts(p, self.global_batch, u)
+
     def _draw(self, step: int) -> np.ndarray:
         if step != self._cursor_step:
             if step not in self._snapshots:
                 raise SteeringStateError(f"the mixture stream is at step {self._cursor_step}, asked for {step}")
             self._cursor = self._snapshots[step].copy()
             self._cursor_step = step
-        _, p = self.plan_at(step)
-        u = float(torch.rand((), generator=torch_generator(self.seed, "mix-counts", step), dtype=torch.float64))
-        counts = systematic_counts(p, self.global_batch, u)
+        counts = self.domain_counts(step)
         parts = []
         for d in np.flatnonzero(counts):
             positions = self._cursor[d] + np.arange(counts[d], dtype=np.int64)

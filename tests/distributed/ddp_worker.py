@@ -25,6 +25,13 @@ STEERING = {
     "select": {"paradigm": "select", "algorithm": "random", "warmup_steps": 1, "update_every": 3, "seed": 9},
     "weight": {"paradigm": "weight", "algorithm": "uniform"},
     "odm": {"paradigm": "mix", "algorithm": "odm", "update_every": 1, "seed": 9},
+    "doremi": {
+        "paradigm": "mix",
+        "algorithm": "doremi",
+        "update_every": 2,
+        "seed": 9,
+        "params": {"reference_model": os.environ.get("DATASTEER_TEST_REFERENCE", "")},
+    },
     "near": {"paradigm": "select", "algorithm": "near", "warmup_steps": 1, "update_every": 3, "seed": 9},
     "less": {
         "paradigm": "select",
@@ -74,7 +81,8 @@ def main() -> None:
     rank = dist.get_rank() if dist.is_initialized() else 0
     ctl = trainer.steering
     plans = [(s, p.tolist() if p is not None else None) for s, p in ctl.sampler._plans] if ctl.sampler else []
-    record = {"trained": trainer.trained, "plans": plans}
+    learned = ctl.algorithm.learned_proportions() if paradigm == "doremi" else None
+    record = {"trained": trainer.trained, "plans": plans, "learned": learned.tolist() if learned is not None else None}
     (out / f"rank{rank}.json").write_text(json.dumps(record))
 
 

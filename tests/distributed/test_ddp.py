@@ -24,8 +24,8 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def launch(out: Path, paradigm: str, nproc: int) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+def launch(out: Path, paradigm: str, nproc: int, **extra_env: str) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **extra_env}
     cmd = [
         sys.executable,
         "-m",
@@ -84,6 +84,26 @@ def test_odm_proportions_are_identical_on_both_ranks(tmp_path: Path) -> None:
     single = read_records(tmp_path / "one" / "steering.jsonl")
     for a, b in zip(records, single, strict=True):
         assert list(a["proportions"].values()) == pytest.approx(list(b["proportions"].values()), abs=1e-4)
+
+
+@pytest.mark.slow
+def test_doremi_weights_are_identical_on_both_ranks(tmp_path: Path) -> None:
+    """DoReMi's excess losses are all-reduced before each weight update: both ranks hold the
+    same domain weights, equal (up to float summation order) to one process's."""
+    from tests.factories import make_model
+
+    make_model(seed=1).save_pretrained(tmp_path / "ref")
+    launch(tmp_path / "two", "doremi", 2, DATASTEER_TEST_REFERENCE=str(tmp_path / "ref"))
+    launch(tmp_path / "one", "doremi", 1, DATASTEER_TEST_REFERENCE=str(tmp_path / "ref"))
+    r0, r1, single = (
+        json.loads((tmp_path / d / f"rank{r}.json").read_text()) for d, r in (("two", 0), ("two", 1), ("one", 0))
+    )
+    assert r0["learned"] == r1["learned"] and r0["learned"] != pytest.approx([1 / 3] * 3)
+    assert r0["learned"] == pytest.approx(single["learned"], abs=1e-6)
+    two = read_records(tmp_path / "two" / "steering.jsonl")
+    one = read_records(tmp_path / "one" / "steering.jsonl")
+    for a, b in zip(two, one, strict=True):
+        assert list(a["alpha"].values()) == pytest.approx(list(b["alpha"].values()), abs=1e-6)
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ Without weighting the Trainer's own loss (token mean over the step) is used unch
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -35,7 +36,8 @@ from datasteer.config import SteeringConfig, load_steering
 from datasteer.controller import SteeringController
 from datasteer.errors import ConfigError, SteeringStateError
 from datasteer.mixers.base import Mixer
-from datasteer.ops import INDEX_KEY, ModelOps, per_sample_loss
+from datasteer.ops import INDEX_KEY, ModelOps, per_sample_loss, per_token_loss
+from datasteer.ops.reference import excess_loss, load_reference_model
 from datasteer.registry import registry_for
 from datasteer.runlog import RunLog
 
@@ -45,6 +47,8 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "steering_state.pt"
 #: Dataset column read as the domain of each training row (when no ``domains`` are given).
 DOMAIN_COLUMN = "domain"
+#: File in ``output_dir`` holding the proportions a mixer learned (DoReMi step 2's output).
+WEIGHTS_FILE = "domain_weights.json"
 
 
 class IndexCollator:
@@ -148,6 +152,7 @@ class SteeringMixin:
         super().__init__(*args, **kwargs)
         self.steering = None
         self._steering_resume: str | None = None
+        self._steering_reference: torch.nn.Module | None = None
         self.steering_config: SteeringConfig | None = None
         if steering is None:
             return
@@ -178,6 +183,8 @@ class SteeringMixin:
         if isinstance(algorithm, Mixer):  # e.g. proportions of the wrong length: fail now, not at train()
             algorithm.check_domains(self._steering_domain_names)
         algorithm.prepare_model(trainer.model)
+        reference = algorithm.reference_model() if isinstance(algorithm, Mixer) else None
+        self._steering_reference = load_reference_model(reference, trainer.model) if reference else None
         if hasattr(dataset, "column_names") and hasattr(dataset, "add_column"):
             if DOMAIN_COLUMN in dataset.column_names:
                 dataset = dataset.remove_columns(DOMAIN_COLUMN)
@@ -257,8 +264,12 @@ class SteeringMixin:
             return (loss, outputs) if return_outputs else loss
         labels = inputs.pop("labels")
         outputs = model(**inputs)
-        losses, counts = per_sample_loss(outputs.logits, labels)
-        ctl.observe(indices, losses, counts)
+        token_losses, mask = per_token_loss(outputs.logits, labels)
+        counts = mask.sum(dim=1)
+        losses = token_losses.sum(dim=1) / counts.clamp_min(1)
+        reference = self._steering_reference
+        excess = excess_loss(reference, inputs, labels, token_losses) if reference is not None else None
+        ctl.observe(indices, losses, counts, excess)
         weights = ctl.sample_weights(trainer.state.global_step + 1, losses, indices)
         loss = (weights * losses).sum() / losses.numel()
         trainer_divides = (
@@ -317,6 +328,17 @@ class SteeringCallback(TrainerCallback):
         if ctl is not None:
             self._publish(ctl.step_end(state.global_step, self._ops(kwargs)), args, state)
 
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        ctl = self.trainer.steering
+        learned = ctl.learned_proportions() if ctl is not None else None
+        if learned is None or not args.should_save:
+            return
+        learned["step"] = state.global_step
+        path = Path(args.output_dir) / WEIGHTS_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(learned, indent=2) + "\n")
+        logger.info("steering: learned proportions %s written to %s", learned["proportions"], path)
+
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         ctl = self.trainer.steering
         if ctl is None:
@@ -332,6 +354,9 @@ class SteeringCallback(TrainerCallback):
             logs: dict[str, float] = {"steering/seconds": float(event["seconds"])}
             if "proportions" in event:
                 logs.update({f"steering/p_{k}": float(v) for k, v in event["proportions"].items()})
+                for key, value in event.items():  # per-domain statistics behind the update
+                    if key != "proportions" and key != "served" and isinstance(value, dict):
+                        logs.update({f"steering/{key}_{k}": float(v) for k, v in value.items()})
             if "selected" in event:
                 logs.update({"steering/selected": float(event["selected"]), "steering/unique": float(event["unique"])})
             if "weight_mean" in event:

@@ -63,6 +63,9 @@ class DomainStats:
         loss_sum: sum of those samples' token-mean losses, ``(K,)``.
         tokens: labelled tokens of each domain, ``(K,)``.
         token_loss_sum: sum of the token losses of each domain, ``(K,)``.
+        excess_sum: sum over each domain's tokens of ``max(loss - reference loss, 0)``,
+            ``(K,)``; ``None`` unless the mixer has a reference model (see
+            :meth:`Mixer.reference_model`).
     """
 
     step: int
@@ -71,6 +74,7 @@ class DomainStats:
     loss_sum: torch.Tensor
     tokens: torch.Tensor
     token_loss_sum: torch.Tensor
+    excess_sum: torch.Tensor | None = None
 
     def mean_sample_loss(self) -> torch.Tensor:
         """Mean per-sample loss of each domain; NaN for a domain absent from the step."""
@@ -84,9 +88,32 @@ class Mixer(Algorithm):
     adaptive: ClassVar[bool] = True
     #: True for mixers that learn from the training batches' losses (see :meth:`observe`).
     observes: ClassVar[bool] = False
+    #: True for mixers that weight the training loss per domain (see :meth:`loss_weights`).
+    weights_loss: ClassVar[bool] = False
 
     def observe(self, stats: DomainStats) -> None:
         """Called after every optimizer step with that step's per-domain statistics."""
+
+    def reference_model(self) -> str | None:
+        """Path of a frozen reference model whose per-token losses on every training batch the
+        mixer needs (they arrive as :attr:`DomainStats.excess_sum`); ``None``: no reference."""
+        return None
+
+    def loss_weights(self) -> torch.Tensor | None:
+        """Per-domain weights ``alpha`` of the training objective ``sum_d alpha_d * L_d``, where
+        ``L_d`` is the mean per-sample loss of the step's domain-d samples; ``None`` (the
+        default) leaves the training loss unweighted."""
+        return None
+
+    def report(self) -> dict[str, torch.Tensor | float]:
+        """Statistics behind the latest proportions, added to each update's record; ``(K,)``
+        tensors are written per domain."""
+        return {}
+
+    def learned_proportions(self) -> torch.Tensor | None:
+        """Proportions learned over the run, for a later ``static`` run (written to
+        ``domain_weights.json`` at the end of training); ``None`` for most mixers."""
+        return None
 
     def check_domains(self, domain_names: Sequence[str]) -> None:
         """Validate params that depend on the domains (e.g. their number); ConfigError if not."""

@@ -1,0 +1,73 @@
+"""A frozen reference model beside the one being trained (DoReMi's excess loss)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from datasteer.errors import ConfigError
+from datasteer.ops.losses import per_token_loss
+
+logger = logging.getLogger(__name__)
+
+
+def load_reference_model(path: str, like: nn.Module) -> nn.Module:
+    """Load the causal LM saved at ``path`` (full weights, or a PEFT adapter, merged), frozen, in eval mode.
+
+    Its dtype follows ``like`` (the model being trained), whose vocabulary it must share.
+
+    Raises:
+        ConfigError: no model at ``path``, or a different vocabulary.
+    """
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(path)
+    if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
+        raise ConfigError(
+            f"reference_model: {path} holds no saved model (config.json or adapter_config.json); "
+            "train the reference model first (DoReMi step 1)"
+        )
+    dtype = next(like.parameters()).dtype
+    model: Any
+    if (folder / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base_path = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+        model = PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+    ours = getattr(getattr(like, "config", None), "vocab_size", None)
+    theirs = model.config.vocab_size
+    if ours is not None and ours != theirs:
+        raise ConfigError(f"reference_model: {path} has a vocabulary of {theirs} tokens, the trained model {ours}")
+    model.requires_grad_(False)
+    model.eval()
+    logger.info("reference model loaded from %s", path)
+    result: nn.Module = model
+    return result
+
+
+@torch.no_grad()
+def excess_loss(
+    reference: nn.Module, inputs: dict[str, Any], labels: torch.Tensor, token_losses: torch.Tensor
+) -> torch.Tensor:
+    """Per sample, the sum over its labelled tokens of ``max(loss - reference loss, 0)``.
+
+    Args:
+        reference: the frozen reference model (moved to the batch's device on first use).
+        inputs: the model inputs of the batch (without labels).
+        labels: ``(b, T)`` labels.
+        token_losses: ``(b, T - 1)`` the trained model's per-token losses (see
+            :func:`datasteer.ops.per_token_loss`).
+    """
+    device = labels.device
+    if next(reference.parameters()).device != device:
+        reference.to(device)
+    ref_losses, mask = per_token_loss(reference(**inputs).logits, labels)
+    return ((token_losses.detach() - ref_losses).clamp_min(0) * mask).sum(dim=1)
