@@ -106,3 +106,25 @@ def test_misspelled_framework_key_is_one_line_from_the_real_command(tmp_path: Pa
     errors = [line for line in proc.stderr.splitlines() if line.startswith("datasteer: error:")]
     assert len(errors) == 1 and "learnig_rate" in errors[0], proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("kind", "changes", "message"),
+    [
+        ("tsds", {}, "`datasteer prepare tsds` needs paradigm: select and algorithm: tsds"),
+        ("near", {"datasteer": {"paradigm": "select", "algorithm": "near"}}, "datasteer.params.prepared: set"),
+        (
+            "tsds",
+            {"datasteer": {"paradigm": "select", "algorithm": "tsds"}},
+            "datasteer.params.prepared: required key is missing",
+        ),
+    ],
+)
+def test_prepare_config_errors_are_one_line_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str, changes: dict[str, object], message: str
+) -> None:
+    config = write_config(tmp_path, **changes)
+    assert main(["prepare", kind, str(config)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("datasteer: error: ") and message in lines[0], lines
+    assert not (tmp_path / "out").exists()

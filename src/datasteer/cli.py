@@ -1,4 +1,4 @@
-"""The ``datasteer`` command: train, list, assets, quickstart, version.
+"""The ``datasteer`` command: train, prepare, list, assets, quickstart, version.
 
 A bad configuration prints one line saying what is wrong and how to fix it, exits with
 code 2, and writes nothing.
@@ -64,6 +64,20 @@ def cmd_train(ns: argparse.Namespace) -> int:
     except ConfigError as err:
         return _fail(str(err))
     llamafactory.run(args, steering)
+    return 0
+
+
+def cmd_prepare(ns: argparse.Namespace) -> int:
+    from datasteer.errors import SteeringStateError
+
+    try:
+        args, steering = prepare_run(ns.config, ns.overrides)
+        from datasteer.prepare import prepare
+
+        path = prepare(ns.kind, args, steering)
+    except (ConfigError, SteeringStateError) as err:
+        return _fail(str(err))
+    print(f"datasteer: prepared {ns.kind}: {path}")
     return 0
 
 
@@ -140,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="run YAML: LLaMA-Factory keys plus an optional datasteer: block")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. datasteer.params.alpha=0.5")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("prepare", help="precompute a selector's neighbour lists / probabilities (near, tsds)")
+    p.add_argument("kind", choices=["near", "tsds"], help="the selector to prepare for")
+    p.add_argument("config", help="the run YAML that will train with it (its datasteer.params.prepared is written)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, as for train")
+    p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("list", help="list the algorithms of each paradigm with their parameters")
     p.add_argument("paradigm", nargs="?", choices=["select", "mix", "weight"])

@@ -11,6 +11,7 @@ import torch
 from datasteer.config import doc
 from datasteer.errors import ConfigError
 from datasteer.ops.feature_store import topk_similarity
+from datasteer.ops.prepared import pool_fingerprint, read_prepared, row_token_ids
 from datasteer.registry import SELECTORS
 from datasteer.selectors.base import SelectContext, Selector
 
@@ -27,10 +28,19 @@ class NearParams:
     )
     layer: int = doc("Hidden layer to embed with (-1: the last).", default=-1)
     refresh: bool = doc("Re-embed pool and targets at every update (false: once, at the first update).", default=False)
+    prepared: str | None = doc(
+        "Directory written by `datasteer prepare near CONFIG` (null: embed with the live model).", default=None
+    )
 
     def __post_init__(self) -> None:
         if self.neighbours < 1:
             raise ConfigError(f"neighbours: must be >= 1, got {self.neighbours}")
+        if self.prepared is not None and self.refresh:
+            raise ConfigError("refresh: prepared neighbour lists are fixed; set refresh: false or prepared: null")
+
+    def settings(self) -> dict[str, object]:
+        """What prepared neighbour lists depend on (part of their fingerprint)."""
+        return {"kind": "near", "neighbours": self.neighbours, "layer": self.layer, "pooling": self.pooling}
 
 
 @SELECTORS.register("near")
@@ -43,6 +53,10 @@ class NearSelector(Selector):
     samples already taken; the next update continues further down the lists, so every
     update serves new samples (the reference restarts from the top and so returns the same
     set every time). When the lists run out, unused pool samples are drawn at random.
+
+    With ``prepared``, the lists come from ``datasteer prepare near CONFIG`` (faiss over the
+    model's embeddings before training), checked against a fingerprint of this run's pool
+    rows, target rows and settings; faiss's ``-1`` padding of short lists is skipped.
     """
 
     Params = NearParams
@@ -57,6 +71,15 @@ class NearSelector(Selector):
     def _neighbour_lists(self, ctx: SelectContext) -> torch.Tensor:
         assert ctx.ops is not None
         p: NearParams = self.params
+        if p.prepared is not None:
+            expected = pool_fingerprint(
+                pool_ids=row_token_ids(ctx.ops.dataset),
+                domains=ctx.domains,
+                domain_names=ctx.domain_names,
+                target_ids=[row_token_ids(t.dataset) for t in ctx.ops.targets],
+                settings=p.settings(),
+            )
+            return read_prepared(p.prepared, "near", expected)["neighbours"].long()
         pool = ctx.ops.embeddings(torch.arange(ctx.pool_size), layer=p.layer, pooling=p.pooling)
         targets = ctx.ops.target_embeddings(layer=p.layer, pooling=p.pooling)
         _, indices = topk_similarity(pool, targets, min(p.neighbours, ctx.pool_size))
@@ -72,7 +95,7 @@ class NearSelector(Selector):
         while len(chosen) < ctx.num_samples and self.cursor < len(order):
             index = int(order[self.cursor])
             self.cursor += 1
-            if not self.used[index]:
+            if index >= 0 and not self.used[index]:  # -1: faiss padding of a short list
                 self.used[index] = True
                 chosen.append(index)
         missing = ctx.num_samples - len(chosen)

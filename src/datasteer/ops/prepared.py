@@ -1,0 +1,126 @@
+"""Prepared selection files: what ``datasteer prepare`` writes and a selector reads back.
+
+A prepared result is a directory holding ``<kind>.safetensors`` (the tensors, e.g. NEAR's
+neighbour lists or TSDS's probabilities) and ``<kind>.json`` (format, fingerprint,
+settings and notes for humans). Nothing is pickled. The JSON is written last, so a
+directory without it is incomplete.
+
+The **fingerprint** ties the file to the training pool and the preparation settings: the
+token ids of every pool row in pool order, each row's domain, the domain names, the token
+ids of every target row, and the algorithm's preparation settings. The online selector
+recomputes it from the rows it trains on (:func:`pool_fingerprint`) and refuses a file
+whose fingerprint differs, so a changed dataset, cutoff length, template or setting is
+caught instead of silently selecting the wrong rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from datasteer.errors import SteeringStateError
+from datasteer.ops.feature_store import fingerprint
+
+__all__ = ["FORMAT", "pool_fingerprint", "read_prepared", "row_token_ids", "write_prepared"]
+
+FORMAT = "datasteer-prepared/1"
+
+
+def row_token_ids(dataset: Any) -> list[list[int]]:
+    """The ``input_ids`` of every row of a map-style dataset, in order."""
+    return [list(dataset[i]["input_ids"]) for i in range(len(dataset))]
+
+
+def pool_fingerprint(
+    *,
+    pool_ids: Sequence[Sequence[int]],
+    domains: torch.Tensor | np.ndarray,
+    domain_names: Sequence[str],
+    target_ids: Sequence[Sequence[Sequence[int]]],
+    settings: Mapping[str, object],
+) -> str:
+    """SHA-256 of the pool rows, their domains, the target rows and the settings.
+
+    Args:
+        pool_ids: token ids of each pool row, in pool order.
+        domains: domain id of each pool row.
+        domain_names: the names of the domain ids.
+        target_ids: for each target set (in the order the run sees them), its rows' token ids.
+        settings: the preparation settings of the algorithm (plain values).
+    """
+    data = {
+        "pool": [list(map(int, row)) for row in pool_ids],
+        "domains": np.asarray(domains, dtype=np.int64),
+        "domain_names": [str(n) for n in domain_names],
+        "targets": [[list(map(int, row)) for row in rows] for rows in target_ids],
+    }
+    return fingerprint(data=data, settings=settings)
+
+
+def _paths(directory: str | os.PathLike[str], kind: str) -> tuple[Path, Path]:
+    root = Path(directory)
+    return root / f"{kind}.safetensors", root / f"{kind}.json"
+
+
+def write_prepared(
+    directory: str | os.PathLike[str],
+    kind: str,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    fingerprint: str,
+    settings: Mapping[str, Any],
+    notes: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``tensors`` and their JSON record into ``directory``; returns the JSON path."""
+    data_path, meta_path = _paths(directory, kind)
+    data_path.parent.mkdir(parents=True, exist_ok=True)
+    meta_path.unlink(missing_ok=True)  # a crash below then leaves no record, never a stale one
+    tmp = data_path.with_name(f"{data_path.name}.tmp-{os.getpid()}")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, data_path)
+    record = {
+        "format": FORMAT,
+        "kind": kind,
+        "fingerprint": fingerprint,
+        "settings": dict(settings),
+        "file": data_path.name,
+        "notes": dict(notes or {}),
+    }
+    tmp_meta = meta_path.with_name(f"{meta_path.name}.tmp-{os.getpid()}")
+    tmp_meta.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp_meta, meta_path)
+    return meta_path
+
+
+def read_prepared(directory: str | os.PathLike[str], kind: str, expected: str) -> dict[str, torch.Tensor]:
+    """Load the tensors of a prepared ``kind`` whose fingerprint is ``expected``.
+
+    Raises:
+        SteeringStateError: the file is missing, incomplete, of another kind, or was prepared
+            for another pool or other settings; the message says how to rebuild it.
+    """
+    data_path, meta_path = _paths(directory, kind)
+    fix = f"run `datasteer prepare {kind} CONFIG` with this run's config"
+    try:
+        record = json.loads(meta_path.read_text())
+    except FileNotFoundError:
+        raise SteeringStateError(f"no prepared {kind} file at {meta_path}; {fix}") from None
+    except json.JSONDecodeError as err:
+        raise SteeringStateError(f"{meta_path} is not valid JSON ({err}); {fix}") from None
+    if record.get("format") != FORMAT or record.get("kind") != kind:
+        raise SteeringStateError(f"{meta_path} is not a prepared {kind} file ({FORMAT}); {fix}")
+    if record.get("fingerprint") != expected:
+        raise SteeringStateError(
+            f"{meta_path} was prepared for another pool or other settings "
+            f"(fingerprint {str(record.get('fingerprint'))[:12]}, this run {expected[:12]}); {fix}"
+        )
+    if not data_path.is_file():
+        raise SteeringStateError(f"{data_path} is missing; {fix}")
+    return load_file(str(data_path))
