@@ -1,0 +1,197 @@
+"""Cluster-LESS: LESS scores computed for a few representatives per cluster, inherited by every member."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from datasteer.config import doc
+from datasteer.errors import ConfigError
+from datasteer.ops.clustering import CLUSTER_METHODS, ClusterMethod, cluster
+from datasteer.ops.embeddings import Pooling
+from datasteer.ops.feature_store import mean_similarity
+from datasteer.ops.gradients import GradFeatureConfig
+from datasteer.registry import SELECTORS
+from datasteer.selectors.base import SelectContext, Selector
+
+logger = logging.getLogger(__name__)
+
+Pick = Literal["random", "nearest", "farthest", "mixed"]
+
+
+@dataclass
+class ClusterLessParams:
+    """Parameters of :class:`ClusterLessSelector`."""
+
+    cluster_size: int = doc("Average members per cluster: the pool of N makes k = ceil(N / cluster_size).", default=16)
+    clustering: ClusterMethod = doc(
+        "How the pool is clustered once, on embeddings: kmeans, spherical (k-means on the unit sphere), "
+        "kcenter (greedy farthest-first), lsh (random hyperplanes) or random.",
+        default="spherical",
+    )
+    niter: int = doc("Lloyd iterations of kmeans / spherical.", default=20)
+    representatives: int = doc("Members per cluster whose gradients are computed at each update.", default=2)
+    pick: Pick = doc(
+        "Which members represent a cluster: random (fresh each update), nearest or farthest from the "
+        "cluster's mean embedding, or mixed (half nearest, half farthest).",
+        default="nearest",
+    )
+    pooling: Pooling = doc("How hidden states are pooled into the clustering embedding.", default="mean")
+    layer: int = doc("Hidden layer embedded for clustering (-1: the last).", default=-1)
+    proj_dim: int = doc("Dimension of the random projection of the gradients (LESS paper: 8192).", default=1024)
+    method: str = doc(
+        "Gradient-feature method: vmap, loop or dense (Adam-aware); logra (SGD features only).", default="vmap"
+    )
+    adam: bool = doc("Precondition representative gradients with the live Adam state (as LESS).", default=True)
+    projection_seed: int = doc("Seed of the projection (fixed for the run, so scores are comparable).", default=0)
+
+    def __post_init__(self) -> None:
+        if self.cluster_size < 1:
+            raise ConfigError(f"cluster_size: must be >= 1, got {self.cluster_size}")
+        if self.clustering not in CLUSTER_METHODS:
+            raise ConfigError(f"clustering: {self.clustering!r} is not allowed; choose one of {CLUSTER_METHODS}")
+        if self.niter < 1:
+            raise ConfigError(f"niter: must be >= 1, got {self.niter}")
+        if self.representatives < 1:
+            raise ConfigError(f"representatives: must be >= 1, got {self.representatives}")
+        if self.proj_dim < 1:
+            raise ConfigError(f"proj_dim: must be >= 1, got {self.proj_dim}")
+        if self.method not in ("vmap", "loop", "dense", "logra"):
+            raise ConfigError(f"method: {self.method!r} is not allowed; choose one of 'vmap', 'loop', 'dense', 'logra'")
+        if self.method == "logra" and self.adam:
+            raise ConfigError("method: logra never forms full gradients, so it cannot apply Adam; set adam: false")
+
+
+def order_by_centrality(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Pool indices grouped by cluster (label 0 first), each cluster's members from the most
+    to the least similar to the cluster's mean embedding (dot product; ties: lower index first)."""
+    k = int(labels.max()) + 1
+    sums = torch.zeros(k, embeddings.shape[1]).index_add_(0, labels, embeddings.float())
+    centroids = sums / torch.bincount(labels, minlength=k).clamp_min(1)[:, None]
+    closeness = (embeddings.float() * centroids[labels]).sum(dim=1)
+    by_closeness = torch.sort(-closeness, stable=True).indices
+    return by_closeness[torch.sort(labels[by_closeness], stable=True).indices]
+
+
+def pick_representatives(
+    order: torch.Tensor, labels: torch.Tensor, count: int, pick: Pick, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``count`` representatives of every cluster; ``(indices, their cluster labels)``.
+
+    ``order`` is :func:`order_by_centrality`'s grouping. ``mixed`` takes the ``ceil(r/2)``
+    nearest and the ``floor(r/2)`` farthest members; ``random`` draws from ``generator``.
+    """
+    sizes = torch.bincount(labels).tolist()
+    chosen: list[torch.Tensor] = []
+    start = 0
+    for size in sizes:
+        members = order[start : start + size]
+        start += size
+        r = min(count, size)
+        if pick == "nearest":
+            part = members[:r]
+        elif pick == "farthest":
+            part = members[size - r :]
+        elif pick == "mixed":
+            part = torch.cat([members[: math.ceil(r / 2)], members[size - r // 2 :]])
+        else:
+            part = members[torch.randperm(size, generator=generator)[:r]]
+        chosen.append(part)
+    indices = torch.cat(chosen)
+    return indices, labels[indices]
+
+
+def cluster_features(features: torch.Tensor, rep_labels: torch.Tensor, clusters: int) -> torch.Tensor:
+    """Each cluster's feature: the mean of its representatives' normalised features, renormalised."""
+    unit = F.normalize(features.float(), dim=1)
+    sums = torch.zeros(clusters, unit.shape[1]).index_add_(0, rep_labels, unit)
+    return F.normalize(sums, dim=1)
+
+
+def rank_by_cluster_score(
+    scores: torch.Tensor, labels: torch.Tensor, count: int, generator: torch.Generator
+) -> torch.Tensor:
+    """The first ``count`` pool indices ordered by their cluster's score (highest first),
+    then by cluster label (ties between clusters), then in a seeded random order within a cluster.
+
+    So whole clusters fill the selection in score order, and only the last one taken is cut,
+    at random members.
+    """
+    order = torch.randperm(len(labels), generator=generator)
+    order = order[torch.sort(labels[order], stable=True).indices]
+    order = order[torch.sort(-scores[labels[order]], stable=True).indices]
+    return order[:count]
+
+
+@SELECTORS.register("cluster_less")
+class ClusterLessSelector(Selector):
+    """Cluster-LESS: cluster the pool once, score each cluster by LESS (arXiv 2402.04333) on a few representatives.
+
+    At the first update the pool is embedded with the live model (pooled hidden states,
+    L2-normalised) and clustered once into ``k = ceil(N / cluster_size)`` clusters
+    (:mod:`datasteer.ops.clustering`); the assignment is kept for the run. At every
+    update, the LESS features (Adam-preconditioned projected gradients, as in
+    :class:`~datasteer.selectors.less.LessSelector`) of ``representatives`` members per
+    cluster are computed; a cluster's feature is the renormalised mean of its
+    representatives' unit features and its score the mean cosine with each target set's
+    gradient features, maximised over target sets. Every member inherits its cluster's
+    score. The selection takes whole clusters in score order (ties: lower cluster label
+    first), members in a seeded random order, cutting the last cluster. Gradients cost
+    about ``representatives / cluster_size`` of LESS's.
+    """
+
+    Params = ClusterLessParams
+    needs_model = True
+
+    def __init__(self, params: ClusterLessParams) -> None:
+        super().__init__(params)
+        self.labels: torch.Tensor | None = None  # (pool,) cluster of each pool sample
+        self.order: torch.Tensor | None = None  # (pool,) grouped by cluster, nearest to the centroid first
+
+    def _cluster(self, ctx: SelectContext) -> None:
+        assert ctx.ops is not None
+        p: ClusterLessParams = self.params
+        embeddings = ctx.ops.embeddings(torch.arange(ctx.pool_size), layer=p.layer, pooling=p.pooling)
+        k = math.ceil(ctx.pool_size / p.cluster_size)
+        self.labels = cluster(embeddings, k, p.clustering, generator=ctx.generator, niter=p.niter)
+        self.order = order_by_centrality(embeddings, self.labels)
+        logger.info("cluster_less: %d pool samples in %d clusters (%s)", ctx.pool_size, self.clusters, p.clustering)
+
+    @property
+    def clusters(self) -> int:
+        """Number of clusters (0 before the pool is clustered)."""
+        return 0 if self.labels is None else int(self.labels.max()) + 1
+
+    def cluster_scores(self, ctx: SelectContext) -> torch.Tensor:
+        """``(clusters,)`` LESS score of every cluster under the live model (clusters the pool if needed)."""
+        p: ClusterLessParams = self.params
+        ops = ctx.ops
+        assert ops is not None
+        if not ops.targets:
+            raise ConfigError("cluster_less: needs target samples; give the run an evaluation set (eval_dataset)")
+        if self.labels is None or self.order is None:
+            self._cluster(ctx)
+        assert self.labels is not None and self.order is not None
+        reps, rep_labels = pick_representatives(self.order, self.labels, p.representatives, p.pick, ctx.generator)
+        config = GradFeatureConfig(method=p.method, proj_dim=p.proj_dim, seed=p.projection_seed)  # type: ignore[arg-type]
+        features = ops.gradient_features(reps, config, optimizer=ops.optimizer if p.adam else None)
+        per_cluster = cluster_features(features, rep_labels, self.clusters)
+        return torch.stack(
+            [mean_similarity(per_cluster, t.gradient_features(range(len(t.dataset)), config)) for t in ops.targets]
+        ).amax(dim=0)
+
+    def select(self, ctx: SelectContext) -> torch.Tensor:
+        scores = self.cluster_scores(ctx)
+        assert self.labels is not None
+        return rank_by_cluster_score(scores, self.labels, min(ctx.num_samples, ctx.pool_size), ctx.generator)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"labels": self.labels, "order": self.order}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.labels, self.order = state["labels"], state["order"]
