@@ -104,3 +104,39 @@ def mix_context(
         generator=torch_generator(seed, "mix", update),
         ops=ops,  # type: ignore[arg-type]
     )
+
+
+def make_moe_model(seed: int = 0, *, kind: str = "qwen2_moe", layers: int = 3) -> torch.nn.Module:
+    """A tiny MoE causal LM (4 experts, top-2). ``qwen2_moe``: sparse layers with a shared
+    expert (its MLP has a ``gate_proj``) and layer 1 dense (an MLP ``gate_proj``);
+    ``mixtral``: every layer sparse."""
+    from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    common = {
+        "vocab_size": VOCAB,
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        "num_experts_per_tok": 2,
+    }
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        if kind == "mixtral":
+            return MixtralForCausalLM(MixtralConfig(num_local_experts=4, **common))
+        config = Qwen2MoeConfig(
+            num_experts=4,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=16,
+            decoder_sparse_step=1,
+            mlp_only_layers=[1],
+            **common,
+        )
+        return Qwen2MoeForCausalLM(config)
+
+
+def make_sft_dataset(sizes: tuple[int, ...] = (40, 24, 16), seed: int = 0, prompt_len: int = 4) -> Dataset:
+    """:func:`make_dataset` rows as prompt/response pairs: the first ``prompt_len`` labels are -100."""
+    return make_dataset(sizes, seed).map(lambda row: {"labels": [-100] * prompt_len + row["labels"][prompt_len:]})

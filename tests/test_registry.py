@@ -22,6 +22,9 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 #: Smallest valid params of algorithms that have required parameters.
 MINIMAL_PARAMS: dict[tuple[str, str], dict[str, Any]] = {
     ("mix", "scheduled"): {"schedule": [[0, [1.0]]]},
+    ("mix", "doremi"): {"reference_model": "outputs/doremi/reference"},
+    ("select", "tsds"): {"prepared": "outputs/prepared/tsds"},
+    ("select", "custom"): {"path": "datasteer.selectors.random:RandomSelector"},
 }
 
 BASES = {"select": Selector, "mix": Mixer, "weight": Weighter}

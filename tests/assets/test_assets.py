@@ -292,3 +292,65 @@ def test_concurrent_ensure_builtin(tmp_path: Path) -> None:
     for name, entry in manifest["files"].items():
         assert hashlib.sha256((home / "corpus" / name).read_bytes()).hexdigest() == entry["sha256"]
     assert manifest["files"]["prose.jsonl"]["rows"] == 1500
+
+
+# ---------------------------------------------------------------------------------------- tiny MoE
+
+
+def test_tiny_moe_builds_deterministically_and_loads_through_llamafactory(small_corpus: Path, tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from datasteer.assets import ON_DEMAND_ASSETS, build_tiny_moe
+    from datasteer.ops.moe import expert_loads, find_routers
+
+    settings = {"vocab_size": 512, "hidden_size": 32, "num_layers": 2, "num_heads": 2}
+    torch.manual_seed(1234)
+    before = torch.get_rng_state()
+    path = build_tiny_moe(tmp_path / "moe", small_corpus, **settings)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert _files(build_tiny_moe(tmp_path / "again", small_corpus, **settings)) == _files(path)
+    # The same tokenizer as the tiny Llama.
+    build_tokenizer(small_corpus, tmp_path / "tok", vocab_size=512)
+    assert (tmp_path / "tok" / "tokenizer.json").read_bytes() == (path / "tokenizer.json").read_bytes()
+    model = AutoModelForCausalLM.from_pretrained(str(path))
+    assert model.config.model_type == "qwen2_moe"
+    assert (model.config.num_experts, model.config.num_experts_per_tok) == (4, 2)
+    assert list(find_routers(model)) == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
+    loads = expert_loads(model, [{"input_ids": torch.tensor([[1, 5, 9, 200]])}])
+    assert loads.shape == (1, 2, 4) and loads.sum(dim=-1).tolist() == [[8.0, 8.0]]
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["asset"] == "tiny-moe" and manifest["settings"]["num_experts"] == 4
+    assert manifest["num_parameters"] == sum(p.numel() for p in model.parameters())
+    assert "tiny-moe" in ON_DEMAND_ASSETS and "tiny-moe" not in BUILTIN_ASSETS  # not built by build_all
+    with pytest.raises(ValueError, match="top_k"):
+        build_tiny_moe(tmp_path / "bad", small_corpus, num_experts=2, top_k=3)
+
+    pytest.importorskip("llamafactory")
+    from llamafactory.hparams import FinetuningArguments, ModelArguments
+    from llamafactory.model import load_model, load_tokenizer
+
+    model_args = ModelArguments(model_name_or_path=str(path))
+    tokenizer = load_tokenizer(model_args)["tokenizer"]
+    loaded = load_model(tokenizer, model_args, FinetuningArguments(finetuning_type="full"), is_trainable=True)
+    assert type(loaded).__name__ == "Qwen2MoeForCausalLM"
+    assert len(find_routers(loaded)) == 2
+
+
+def test_resolve_builtin_tiny_moe(
+    small_builders: dict[str, int], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from datasteer.assets import build_tiny_moe
+
+    built: list[Path] = []
+
+    def moe(out_dir: Path, corpus_dir: Path) -> Path:
+        built.append(out_dir)
+        return build_tiny_moe(out_dir, corpus_dir, vocab_size=512, hidden_size=32, num_layers=2, num_heads=2)
+
+    monkeypatch.setattr(assets, "build_tiny_moe", moe)
+    home = tmp_path / "home"
+    assert resolve_builtin("builtin:tiny-moe") == str(home / "tiny-moe")
+    assert resolve_builtin("builtin:tiny-moe") == str(home / "tiny-moe")  # built once
+    assert len(built) == 1 and small_builders == {"corpus": 1, "tiny-llama": 0}  # the corpus came first
+    assert (home / "tiny-moe" / "model.safetensors").is_file()

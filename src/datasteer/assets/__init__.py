@@ -1,4 +1,4 @@
-"""Built-in assets: a multi-domain text corpus and a tiny Llama model, built locally on first use.
+"""Built-in assets: a multi-domain text corpus and tiny Llama and MoE models, built locally on first use.
 
 Assets live under :func:`assets_home` (``$DATASTEER_HOME``, else ``~/.cache/datasteer``), one directory per
 asset name. :func:`ensure_builtin` builds an asset the first time it is asked for; builds go to a temporary
@@ -22,16 +22,24 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from datasteer.assets.corpus import BUILTIN_DOMAINS, CORPUS_FORMAT_VERSION, build_corpus
-from datasteer.assets.tiny import TINY_FORMAT_VERSION, build_tiny_llama, build_tokenizer
+from datasteer.assets.tiny import (
+    TINY_FORMAT_VERSION,
+    TINY_MOE_FORMAT_VERSION,
+    build_tiny_llama,
+    build_tiny_moe,
+    build_tokenizer,
+)
 
 __all__ = [
     "BUILTIN_ASSETS",
     "BUILTIN_DOMAINS",
     "BUILTIN_PREFIX",
+    "ON_DEMAND_ASSETS",
     "assets_home",
     "build_all",
     "build_corpus",
     "build_tiny_llama",
+    "build_tiny_moe",
     "build_tokenizer",
     "ensure_builtin",
     "resolve_builtin",
@@ -40,13 +48,21 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 BUILTIN_ASSETS: tuple[str, ...] = ("corpus", "tiny-llama")
-"""Names of the built-in assets, in build order (the tiny model's tokenizer is trained on the corpus)."""
+"""Names of the built-in assets :func:`build_all` makes, in build order (the tiny model's tokenizer is
+trained on the corpus)."""
+
+ON_DEMAND_ASSETS: tuple[str, ...] = ("tiny-moe",)
+"""Built-in assets made only when first asked for (``builtin:tiny-moe``), not by :func:`build_all`."""
 
 BUILTIN_PREFIX = "builtin:"
 """Prefix that marks a built-in asset in a configuration value, e.g. ``"builtin:tiny-llama"``."""
 
 _MARKER = "manifest.json"
-_FORMAT_VERSIONS = {"corpus": CORPUS_FORMAT_VERSION, "tiny-llama": TINY_FORMAT_VERSION}
+_FORMAT_VERSIONS = {
+    "corpus": CORPUS_FORMAT_VERSION,
+    "tiny-llama": TINY_FORMAT_VERSION,
+    "tiny-moe": TINY_MOE_FORMAT_VERSION,
+}
 
 
 def assets_home() -> Path:
@@ -60,8 +76,8 @@ def assets_home() -> Path:
 
 
 def _check_name(name: str) -> None:
-    if name not in BUILTIN_ASSETS:
-        raise ValueError(f"unknown built-in asset {name!r}; known: {', '.join(BUILTIN_ASSETS)}")
+    if name not in BUILTIN_ASSETS + ON_DEMAND_ASSETS:
+        raise ValueError(f"unknown built-in asset {name!r}; known: {', '.join(BUILTIN_ASSETS + ON_DEMAND_ASSETS)}")
 
 
 def _is_complete(path: Path, name: str) -> bool:
@@ -93,7 +109,7 @@ def _build_locked(home: Path, name: str, force: bool) -> Path:
     for stale in (*home.glob(f".{name}.tmp-*"), *home.glob(f".{name}.old-*")):
         logger.info("removing leftover of an interrupted build: %s", stale)
         shutil.rmtree(stale, ignore_errors=True)
-    corpus = _build_locked(home, "corpus", False) if name == "tiny-llama" else None
+    corpus = _build_locked(home, "corpus", False) if name != "corpus" else None
 
     logger.info("building built-in asset %r into %s", name, final)
     start = time.perf_counter()
@@ -101,6 +117,8 @@ def _build_locked(home: Path, name: str, force: bool) -> Path:
     try:
         if corpus is None:
             build_corpus(tmp)
+        elif name == "tiny-moe":
+            build_tiny_moe(tmp, corpus)
         else:
             build_tiny_llama(tmp, corpus)
         tmp.chmod(0o755)  # mkdtemp makes it private; the finished asset is an ordinary directory
@@ -121,12 +139,14 @@ def _build_locked(home: Path, name: str, force: bool) -> Path:
 def ensure_builtin(name: str, *, force: bool = False) -> Path:
     """Return the directory of a built-in asset, building it on first use.
 
-    Building ``"tiny-llama"`` builds ``"corpus"`` first if needed (its tokenizer is trained on the corpus).
+    Building ``"tiny-llama"`` or ``"tiny-moe"`` builds ``"corpus"`` first if needed (their tokenizer is
+    trained on the corpus).
     Safe to call from several processes at once: one builds while the others wait on the lock and then
     reuse its result.
 
     Args:
-        name: One of :data:`BUILTIN_ASSETS` (``"corpus"`` or ``"tiny-llama"``).
+        name: One of :data:`BUILTIN_ASSETS` (``"corpus"``, ``"tiny-llama"``) or :data:`ON_DEMAND_ASSETS`
+            (``"tiny-moe"``).
         force: Rebuild even if a complete asset is already there (the old one is replaced atomically).
 
     Returns:
@@ -148,7 +168,7 @@ def resolve_builtin(value: str) -> str:
     """Resolve a ``"builtin:<name>"`` reference to the asset's local path, building it if needed.
 
     Args:
-        value: A configuration value, e.g. ``"builtin:corpus"``, ``"builtin:tiny-llama"`` or any path or
+        value: A configuration value, e.g. ``"builtin:corpus"``, ``"builtin:tiny-moe"`` or any path or
             model id.
 
     Returns:
@@ -165,7 +185,7 @@ def resolve_builtin(value: str) -> str:
 
 
 def build_all(*, force: bool = False) -> dict[str, Path]:
-    """Build (or find) every built-in asset.
+    """Build (or find) every asset of :data:`BUILTIN_ASSETS` (the on-demand ones are built when first used).
 
     Args:
         force: Rebuild every asset even if already complete.

@@ -1,10 +1,11 @@
-"""A tiny Llama model and byte-level BPE tokenizer, built locally from the built-in corpus.
+"""Tiny Llama and Mixture-of-Experts models with a byte-level BPE tokenizer, built locally from the corpus.
 
 :func:`build_tokenizer` trains a byte-level BPE tokenizer (``tokenizers``) on the corpus training files and
 saves it as a ``transformers`` fast tokenizer; :func:`build_tiny_llama` adds a randomly initialised
-``LlamaForCausalLM`` of a few million parameters next to it, so the directory loads with
+``LlamaForCausalLM`` of a few million parameters next to it, and :func:`build_tiny_moe` a randomly
+initialised ``Qwen2MoeForCausalLM`` (4 experts, top-2) with the same tokenizer, so each directory loads with
 ``AutoTokenizer.from_pretrained`` and ``AutoModelForCausalLM.from_pretrained``. Nothing is downloaded and
-both builds are deterministic.
+every build is deterministic.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from datasteer.assets.corpus import BUILTIN_DOMAINS
 
@@ -27,6 +29,9 @@ MODEL_MAX_LENGTH = 512
 
 TINY_FORMAT_VERSION = 1
 """Bumped whenever the content or layout of a built model directory changes."""
+
+TINY_MOE_FORMAT_VERSION = 1
+"""The same, for the tiny MoE model."""
 
 
 def _train_texts(corpus_dir: Path) -> Iterator[str]:
@@ -100,6 +105,47 @@ def build_tokenizer(corpus_dir: Path, out_dir: Path, *, vocab_size: int = 4096) 
     return out_dir
 
 
+def _save(
+    out_dir: Path,
+    corpus_dir: Path,
+    model: Any,
+    asset: str,
+    format_version: int,
+    settings: dict[str, Any],
+    tokenizer_vocab_size: int,
+) -> None:
+    """Save the model's safetensors weights and config, then ``manifest.json`` (written last)."""
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    num_parameters = sum(p.numel() for p in model.parameters())
+    files = {
+        path.name: hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(out_dir.iterdir())
+        if path.is_file() and path.name != "manifest.json"
+    }
+    corpus_manifest = corpus_dir / "manifest.json"
+    manifest = {
+        "asset": asset,
+        "format_version": format_version,
+        "settings": settings,
+        "tokenizer_vocab_size": tokenizer_vocab_size,
+        "num_parameters": num_parameters,
+        "corpus_manifest_sha256": (
+            hashlib.sha256(corpus_manifest.read_bytes()).hexdigest() if corpus_manifest.is_file() else None
+        ),
+        "files": files,
+    }
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    logger.info(
+        "built %s in %s: %d parameters (%.2f M), vocab %d, settings %s",
+        asset,
+        out_dir,
+        num_parameters,
+        num_parameters / 1e6,
+        tokenizer_vocab_size,
+        settings,
+    )
+
+
 def _intermediate_size(hidden_size: int) -> int:
     """About 2.7x ``hidden_size``, rounded to a multiple of 16."""
     return max(16, round(2.7 * hidden_size / 16) * 16)
@@ -166,41 +212,105 @@ def build_tiny_llama(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
-    model.save_pretrained(str(out_dir), safe_serialization=True)
-    num_parameters = sum(p.numel() for p in model.parameters())
+    settings = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "num_layers": num_layers,
+        "num_heads": num_heads,
+        "seed": seed,
+    }
+    _save(out_dir, corpus_dir, model, "tiny-llama", TINY_FORMAT_VERSION, settings, len(tokenizer))
+    return out_dir
 
-    files = {
-        path.name: hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(out_dir.iterdir())
-        if path.is_file() and path.name != "manifest.json"
-    }
-    corpus_manifest = corpus_dir / "manifest.json"
-    manifest = {
-        "asset": "tiny-llama",
-        "format_version": TINY_FORMAT_VERSION,
-        "settings": {
-            "vocab_size": vocab_size,
-            "hidden_size": hidden_size,
-            "num_layers": num_layers,
-            "num_heads": num_heads,
-            "seed": seed,
-        },
-        "tokenizer_vocab_size": len(tokenizer),
-        "num_parameters": num_parameters,
-        "corpus_manifest_sha256": (
-            hashlib.sha256(corpus_manifest.read_bytes()).hexdigest() if corpus_manifest.is_file() else None
-        ),
-        "files": files,
-    }
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    logger.info(
-        "built tiny Llama in %s: %d parameters (%.2f M), vocab %d, hidden %d, %d layers, %d heads",
-        out_dir,
-        num_parameters,
-        num_parameters / 1e6,
-        len(tokenizer),
-        hidden_size,
-        num_layers,
-        num_heads,
+
+def build_tiny_moe(
+    out_dir: Path,
+    corpus_dir: Path,
+    *,
+    vocab_size: int = 4096,
+    hidden_size: int = 64,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    num_experts: int = 4,
+    top_k: int = 2,
+    seed: int = 0,
+) -> Path:
+    """Build a tiny randomly initialised Mixture-of-Experts model (Qwen2-MoE) and its tokenizer.
+
+    The tokenizer is trained exactly as :func:`build_tiny_llama` trains it, so the two
+    models share a vocabulary. Every decoder layer is sparse: a router (``mlp.gate``)
+    sends each token to ``top_k`` of ``num_experts`` experts, next to a shared expert
+    whose MLP has its own ``gate_proj`` and a scalar ``shared_expert_gate`` (a model on
+    which a ``"gate"`` substring test would freeze far more than the routers). Expert
+    width is twice the hidden size; no router auxiliary loss (``output_router_logits`` is
+    off in the config). Weights are initialised inside ``torch.random.fork_rng()`` with
+    ``torch.manual_seed(seed)``; the directory loads with ``AutoModelForCausalLM``.
+
+    Args:
+        out_dir: Directory to save into; created if missing.
+        corpus_dir: Directory made by :func:`~datasteer.assets.corpus.build_corpus`.
+        vocab_size: Target tokenizer vocabulary size.
+        hidden_size: Model width.
+        num_layers: Number of decoder (MoE) layers.
+        num_heads: Number of attention (and key/value) heads; must divide ``hidden_size``.
+        num_experts: Routed experts per layer.
+        top_k: Experts each token is routed to (``num_experts_per_tok``).
+        seed: Seed of the weight initialisation.
+
+    Returns:
+        ``out_dir``.
+
+    Raises:
+        ValueError: If a size is not positive, ``num_heads`` does not divide ``hidden_size``
+            or ``top_k`` exceeds ``num_experts``.
+    """
+    import torch
+    from transformers import AutoTokenizer, Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    if (
+        min(hidden_size, num_layers, num_heads, num_experts, top_k) < 1
+        or hidden_size % num_heads
+        or top_k > num_experts
+    ):
+        raise ValueError(
+            f"need positive sizes, num_heads dividing hidden_size and top_k <= num_experts; got hidden_size="
+            f"{hidden_size}, num_layers={num_layers}, num_heads={num_heads}, num_experts={num_experts}, top_k={top_k}"
+        )
+    out_dir, corpus_dir = Path(out_dir), Path(corpus_dir)
+    build_tokenizer(corpus_dir, out_dir, vocab_size=vocab_size)
+    tokenizer = AutoTokenizer.from_pretrained(str(out_dir))
+    config = Qwen2MoeConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        moe_intermediate_size=2 * hidden_size,
+        shared_expert_intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        num_experts=num_experts,
+        num_experts_per_tok=top_k,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        norm_topk_prob=False,
+        output_router_logits=False,
+        max_position_embeddings=MODEL_MAX_LENGTH,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
     )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2MoeForCausalLM(config)
+    settings = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "num_layers": num_layers,
+        "num_heads": num_heads,
+        "num_experts": num_experts,
+        "top_k": top_k,
+        "seed": seed,
+    }
+    _save(out_dir, corpus_dir, model, "tiny-moe", TINY_MOE_FORMAT_VERSION, settings, len(tokenizer))
     return out_dir

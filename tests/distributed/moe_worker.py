@@ -1,0 +1,80 @@
+"""One rank of a 1- or 2-process CPU (gloo) run of the dynamic_moe mixer on a tiny MoE model.
+
+Usage: python -m torch.distributed.run --nproc-per-node 2 moe_worker.py OUT_DIR SOURCE
+(SOURCE: ``pool`` without eval sets, ``eval`` with one eval set per domain).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch.distributed as dist
+from tests.factories import DOMAINS, make_dataset, make_moe_model
+from transformers import TrainingArguments, default_data_collator
+
+from datasteer.hf import SteeringTrainer
+
+
+def main() -> None:
+    out, source = Path(sys.argv[1]), sys.argv[2]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=4 // world,
+        per_device_eval_batch_size=3,
+        gradient_accumulation_steps=2,
+        max_steps=7,
+        learning_rate=1e-2,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        ddp_backend="gloo" if world > 1 else None,
+        seed=3,
+        disable_tqdm=True,
+        dataloader_pin_memory=False,
+    )
+    evals = None
+    if source == "eval":  # one held-out set per domain, named <domain>_eval
+        held_out = make_dataset(sizes=(7, 7, 7), seed=1)
+        evals = {
+            f"{name}_eval": held_out.filter(lambda row, n=name: row["domain"] == n).remove_columns("domain")
+            for name in DOMAINS
+        }
+    steering = {
+        "paradigm": "mix",
+        "algorithm": "dynamic_moe",
+        "warmup_steps": 1,
+        "update_every": 2,
+        "seed": 9,
+        "params": {"source": source, "samples_per_domain": 5, "eta": 10.0, "smoothing": 0.05},
+    }
+    trainer = SteeringTrainer(
+        model=make_moe_model(),
+        args=args,
+        train_dataset=make_dataset(),
+        eval_dataset=evals,
+        data_collator=default_data_collator,
+        steering=steering,
+    )
+    trainer.train()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    ctl = trainer.steering
+    mixer = ctl.algorithm
+    record = {
+        "plans": [(s, p.tolist()) for s, p in ctl.sampler._plans],
+        "history": mixer.history,
+        "source": mixer.source_used,
+        "held_out": mixer.held_out.tolist() if mixer.held_out is not None else None,
+        "router": trainer.model.model.layers[0].mlp.gate.weight.requires_grad,
+    }
+    (out / f"rank{rank}.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()
