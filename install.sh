@@ -16,6 +16,16 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e ".[llamafactory,dev]" "$TORCH_SPEC"
 
+# DeepSpeed (the `deepspeed` extra: ZeRO-3 runs and their tests) is a source distribution whose
+# setup imports torch: build it against the torch just installed (no build isolation), without
+# compiling its ops (DS_BUILD_OPS=0; the CPU ops it needs are JIT-built on first use), and pin
+# torch again in the same command so that pip cannot swap it. The spec is the extra's, named
+# directly so that datasteer itself is not rebuilt without isolation. Skip: INSTALL_DEEPSPEED=0.
+if [ "${INSTALL_DEEPSPEED:-1}" != 0 ]; then
+    DS_BUILD_OPS=0 DS_ACCELERATOR=cpu .venv/bin/python -m pip install --quiet --no-build-isolation \
+        "deepspeed>=0.16" "$TORCH_SPEC"
+fi
+
 # LLaMA-Factory pulls torchvision and torchaudio builds that do not load beside this torch.
 # Nothing here needs torchvision: remove it. torchaudio is imported by LLaMA-Factory's
 # multimodal code paths; its pure-Python part imports once its native libraries are gone.

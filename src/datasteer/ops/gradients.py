@@ -37,11 +37,11 @@ in eval mode (no dropout) and gets its mode back.
 
 Distributed use: the function works on the batches it is given, so a caller gives each
 rank its own subset of samples and gathers the ``(n, k)`` rows (the projection is the
-same on every rank). Under ZeRO-3 / FSDP, ``loop`` and ``logra`` run the wrapped model
-normally (its hooks gather parameters) but the Adam state is sharded and must be
-gathered per parameter; ``vmap``/``dense`` call ``functional_call`` on full parameters,
-which needs them gathered first (``deepspeed.zero.GatheredParameters`` /
-``FSDP.summon_full_params``).
+same on every rank). Under ZeRO-3 / FSDP2, ``logra`` runs the model through the engine's
+hooks (they gather parameters layer by layer); ``vmap``/``dense``/``loop`` need whole
+parameters, which :meth:`datasteer.ops.ModelOps.gradient_features` provides with
+:func:`datasteer.ops.sharding.full_parameters`. The Adam state is sharded there, so the
+Adam variant is refused (see :mod:`datasteer.ops.sharding`).
 """
 
 from __future__ import annotations
