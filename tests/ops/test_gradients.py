@@ -184,3 +184,20 @@ def test_vmap_failure_falls_back_to_loop(monkeypatch: pytest.MonkeyPatch, caplog
         got = features(model, "vmap")
     torch.testing.assert_close(got, ref)
     assert "falling back to the loop method" in caplog.text
+
+
+@pytest.mark.parametrize("method", ["vmap", "dense"])
+def test_input_require_grads_hooks_do_not_break_vmap(method: str, caplog: pytest.LogCaptureFixture) -> None:
+    """LoRA training setups (LLaMA-Factory's) call ``enable_input_require_grads``; its hook calls
+    ``requires_grad_`` inside ``torch.func``. The hook is paused for the pass and restored."""
+    model = lora_model()
+    ref = features(model, "loop")
+    model.enable_input_require_grads()
+    with caplog.at_level(logging.WARNING, logger=gf.__name__):
+        got = features(model, method)
+    assert "falling back" not in caplog.text
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+    hooked = [m for m in model.modules() if getattr(m, "_require_grads_hooks", None)]
+    assert hooked, "the hook must be restored"
+    embeds = model.get_input_embeddings()(torch.tensor([[1, 2]]))
+    assert embeds.requires_grad

@@ -46,10 +46,11 @@ Adam variant is refused (see :mod:`datasteer.ops.sharding`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -291,6 +292,24 @@ def _batched_features(
     return layout.project(grads, projection)
 
 
+@contextlib.contextmanager
+def input_grad_hooks_paused(model: nn.Module) -> Iterator[None]:
+    """Pause transformers' ``enable_input_require_grads`` hooks for the duration.
+
+    LoRA and gradient-checkpointing setups (LLaMA-Factory's among them) register them: they
+    call ``requires_grad_`` on the embeddings' output, which ``torch.func`` transforms forbid,
+    and gradients w.r.t. the parameters do not need them. They are restored afterwards.
+    """
+    paused = [m for m in model.modules() if getattr(m, "_require_grads_hooks", None)]
+    for module in paused:
+        module.disable_input_require_grads()  # type: ignore[operator]
+    try:
+        yield
+    finally:
+        for module in paused:
+            module.enable_input_require_grads()  # type: ignore[operator]
+
+
 def grad_features(
     model: nn.Module,
     batches: Iterable[Mapping[str, Any]],
@@ -327,7 +346,8 @@ def grad_features(
     model.eval()
     try:
         total = len(batches) if isinstance(batches, Sized) else None
-        with torch.enable_grad():
+        paused = input_grad_hooks_paused(model) if method in ("vmap", "dense") else contextlib.nullcontext()
+        with torch.enable_grad(), paused:
             for batch in tqdm(batches, total=total, desc=desc, disable=dist.rank() != 0, leave=False):
                 inputs, labels = split_batch(batch, device)
                 if method == "logra":
