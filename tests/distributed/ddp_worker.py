@@ -33,6 +33,14 @@ STEERING = {
         "params": {"reference_model": os.environ.get("DATASTEER_TEST_REFERENCE", "")},
     },
     "near": {"paradigm": "select", "algorithm": "near", "warmup_steps": 1, "update_every": 3, "seed": 9},
+    "cluster_less": {
+        "paradigm": "select",
+        "algorithm": "cluster_less",
+        "warmup_steps": 1,
+        "update_every": 3,
+        "seed": 9,
+        "params": {"cluster_size": 8, "proj_dim": 512},
+    },
     "less": {
         "paradigm": "select",
         "algorithm": "less",

@@ -131,3 +131,25 @@ def test_less_on_the_builtin_corpus_favours_the_targets_domain(tmp_path: Path) -
     pool_share = 814 / 5887  # arithmetic rows / all rows of the packed pre-training pool
     share = record["domain_counts"]["arithmetic"] / record["selected"]
     assert share > 3 * pool_share, record["domain_counts"]
+
+
+@pytest.mark.slow
+def test_doremi_workflow_runs_its_three_steps(tmp_path: Path) -> None:
+    """Step 1 trains the reference, step 2 the proxy against it (writing the averaged domain
+    weights), step 3 trains on those weights: the examples' commands, with fewer steps."""
+    ref, proxy, main_run = tmp_path / "reference", tmp_path / "proxy", tmp_path / "main"
+    train(EXAMPLES / "mix_doremi_1_reference.yaml", ref)
+    train(EXAMPLES / "mix_doremi_2_proxy.yaml", proxy, f"datasteer.params.reference_model={ref}")
+    weights = json.loads((proxy / "domain_weights.json").read_text())
+    assert weights["domains"] == ["prose", "code", "arithmetic", "noise"] and weights["step"] == 6
+    assert sum(weights["proportions"]) == pytest.approx(1.0)
+    assert weights["proportions"] != pytest.approx([0.25] * 4)
+    records = read_records(proxy / "steering.jsonl")
+    assert all(set(r["alpha"]) == set(weights["domains"]) for r in records)
+    train(
+        EXAMPLES / "mix_doremi_3_main.yaml",
+        main_run,
+        f"datasteer.params.proportions_file={proxy / 'domain_weights.json'}",
+    )
+    (record,) = read_records(main_run / "steering.jsonl")
+    assert list(record["proportions"].values()) == pytest.approx(weights["proportions"], abs=1e-8)
