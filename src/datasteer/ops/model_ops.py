@@ -3,10 +3,15 @@
 Every method takes pool indices, gives each rank a contiguous share of them, runs the
 batched operation on that share and gathers the results in index order, so that every
 rank holds the same tensor (computed once, not once per rank).
+
+With sharded parameters (DeepSpeed ZeRO-3, FSDP2; see :mod:`datasteer.ops.sharding`) every
+forward gathers parameters collectively, so every rank runs the same number of batches:
+a shorter share is padded with one-row dummy batches whose results are dropped.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -15,11 +20,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from datasteer import dist
-from datasteer.errors import SteeringStateError
+from datasteer.errors import ConfigError, SteeringStateError
 from datasteer.ops.embeddings import Pooling, embed
 from datasteer.ops.gradients import GradFeatureConfig, grad_features
 from datasteer.ops.keys import INDEX_KEY
 from datasteer.ops.losses import per_sample_loss
+from datasteer.ops.moe import expert_loads
+from datasteer.ops.policy_gradient import Sampling, policy_gradient_features
+from datasteer.ops.rewards import RewardFn, Target, split_prompt_response
+from datasteer.ops.sharding import full_parameters, padded_batch_count, param_sharding
 
 __all__ = ["INDEX_KEY", "ModelOps"]
 
@@ -83,6 +92,23 @@ class ModelOps:
             batch.pop(INDEX_KEY, None)
             yield batch
 
+    def _rank_batches(self, mine: list[int], indices: Sequence[int] | torch.Tensor) -> Iterator[dict[str, Any]]:
+        """This rank's batches, then dummy batches of one row (results to be dropped).
+
+        Sharded parameters: as many dummies as make every rank's batch count equal (their
+        gathers are collective). Otherwise one dummy only when the share is empty, so that
+        the caller still learns the width of a row.
+        """
+        yield from self.batches(mine)
+        own = -(-len(mine) // self.batch_size)
+        if param_sharding(self.model) != "none":
+            need = padded_batch_count(len(indices), dist.world_size(), self.batch_size) - own
+        else:
+            need = 0 if mine or len(indices) == 0 else 1
+        filler = (mine or torch.as_tensor(indices, dtype=torch.long).tolist())[:1]
+        for _ in range(need):
+            yield from self.batches(filler)
+
     @torch.no_grad()
     def sample_losses(self, indices: Sequence[int] | torch.Tensor, desc: str = "per-sample loss") -> torch.Tensor:
         """Token-mean loss of each pool sample in ``indices`` (eval mode, no gradient).
@@ -96,11 +122,11 @@ class ModelOps:
         try:
             bar = tqdm(total=len(mine), desc=desc, unit="sample", disable=dist.rank() != 0, leave=False)
             done = 0
-            for batch in self.batches(mine):
+            for batch in self._rank_batches(mine, indices):
                 labels = batch.pop("labels").to(self.device)
                 inputs = {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
                 logits = self.model(**inputs).logits
-                losses = per_sample_loss(logits, labels)[0].float().cpu()
+                losses = per_sample_loss(logits, labels)[0].float().cpu()[: len(mine) - done]
                 out[done : done + len(losses)] = losses
                 done += len(losses)
                 bar.update(len(losses))
@@ -119,10 +145,9 @@ class ModelOps:
     ) -> torch.Tensor:
         """Pooled hidden states of each pool sample (see :func:`datasteer.ops.embed`)."""
         mine, total = self._my_share(indices)
-        local = embed(
-            self.model, self.batches(mine), layer=layer, pooling=pooling, normalize=normalize, device=self.device
-        )
-        return dist.gather_rows(local, total)
+        batches = self._rank_batches(mine, indices)
+        local = embed(self.model, batches, layer=layer, pooling=pooling, normalize=normalize, device=self.device)
+        return dist.gather_rows(local[: len(mine)], total)
 
     def gradient_features(
         self,
@@ -133,13 +158,96 @@ class ModelOps:
     ) -> torch.Tensor:
         """Projected per-sample gradient features (see :func:`datasteer.ops.grad_features`).
 
-        Each rank computes its share with its full replica of the trainable parameters
-        (DDP); the small projected rows are gathered, never full gradients.
+        Each rank computes its share of the samples and the small projected rows are
+        gathered, never full gradients; the projection is seeded, the same on every rank.
+        DDP: each rank uses its own replica. ZeRO-3 / FSDP2: ``logra`` runs through the
+        engine's layer-by-layer gathering; ``vmap``/``dense``/``loop`` need whole
+        parameters for ``functional_call`` and run inside
+        :func:`datasteer.ops.sharding.full_parameters` (one read-only gather for the pass).
+
+        Raises:
+            ConfigError: Adam preconditioning (``optimizer``) on sharded parameters: the
+                optimizer's moments are partitioned (ZeRO-3 flattens them), so use plain
+                gradient features there.
         """
+        config = config or GradFeatureConfig()
+        sharding = param_sharding(self.model)
+        if optimizer is not None and sharding != "none":
+            raise ConfigError(
+                f"Adam-preconditioned gradient features are not supported with {sharding} sharded parameters "
+                "(the optimizer's moments are partitioned); turn the algorithm's `adam` parameter off"
+            )
         mine, total = self._my_share(indices)
-        if mine:
-            local = grad_features(self.model, self.batches(mine), config, optimizer=optimizer)
-        else:  # more ranks than samples: this rank contributes no rows
-            width = grad_features(self.model, self.batches(torch.as_tensor(indices)[:1].tolist()), config).shape[1]
-            local = torch.zeros(0, width)
-        return dist.gather_rows(local, total)
+        whole = contextlib.nullcontext() if config.method == "logra" else full_parameters(self.model)
+        with whole:
+            local = grad_features(self.model, self._rank_batches(mine, indices), config, optimizer=optimizer)
+        return dist.gather_rows(local[: len(mine)], total)
+
+    def expert_loads(
+        self, indices: Sequence[int] | torch.Tensor, *, top_k: int | None = None, desc: str = "expert loads"
+    ) -> torch.Tensor:
+        """Top-k routed-token counts of each sample per MoE layer and expert, ``(n, L, E)``
+        (see :func:`datasteer.ops.moe.expert_loads`), the same on every rank."""
+        mine, total = self._my_share(indices)
+        run = mine or torch.as_tensor(indices)[:1].tolist()  # a rank without samples still learns (L, E)
+        local = expert_loads(self.model, self.batches(run), top_k=top_k, device=self.device, total=len(run), desc=desc)
+        return dist.gather_rows(local if mine else local[:0], total)
+
+    def policy_gradient_features(
+        self,
+        indices: Sequence[int] | torch.Tensor,
+        config: GradFeatureConfig,
+        *,
+        reward: RewardFn,
+        sampling: Sampling,
+        seed: int,
+        policy: nn.Module | None = None,
+    ) -> torch.Tensor:
+        """NICE's reward-weighted policy-gradient features of rows ``indices`` of this (SFT) set.
+
+        See :func:`datasteer.ops.policy_gradient.policy_gradient_features` (``config.normalize``
+        must be off). Targets are cut into groups of ``batch_size // (mc_samples + 1)``
+        (at least 1), the last one filled up with row ``indices[0]``; ranks take contiguous
+        shares of the groups, and a rank with fewer groups repeats group 0 (discarded). So
+        the sampling and gradient batches, hence the rows, do not depend on the number of
+        ranks, and every rank makes the same number of ``generate`` calls and gradient
+        batches (with ``logra`` on sharded parameters their gathers are collective).
+
+        Raises:
+            ConfigError: a row has no prompt or no response (not a prompt/response row).
+        """
+        idx = torch.as_tensor(indices, dtype=torch.long).tolist()
+        targets: list[Target] = []
+        for i in idx:
+            try:
+                targets.append(split_prompt_response(self.dataset[i]))
+            except ValueError as err:
+                where = f"evaluation set {self.name!r}" if self.name else "the evaluation set"
+                raise ConfigError(
+                    f"eval_dataset: row {i} of {where}: {err}; NICE needs prompt/response rows (stage: sft)"
+                ) from err
+        if not idx:
+            raise ValueError("policy_gradient_features needs at least one row")
+        size = max(1, self.batch_size // (sampling.mc_samples + 1))
+        n_groups = -(-len(idx) // size)
+        start, stop = dist.shard_bounds(n_groups)
+        per = -(-n_groups // dist.world_size())
+        groups = [*range(start, stop), *[0] * (per - (stop - start))]
+        slots = [p if p < len(idx) else 0 for g in groups for p in range(g * size, (g + 1) * size)]
+        # As in gradient_features: whole parameters for functional_call (sampling then needs
+        # no collective either); logra runs through the engine's own gathering.
+        whole = contextlib.nullcontext() if config.method == "logra" else full_parameters(self.model)
+        with whole:
+            local = policy_gradient_features(
+                self.model,
+                [targets[p] for p in slots],
+                [idx[p] for p in slots],
+                config,
+                reward=reward,
+                sampling=sampling,
+                seed=seed,
+                group_size=size,
+                policy=policy,
+            )
+        local = local.view(per, size, -1)[: stop - start]
+        return dist.gather_rows(local, n_groups).reshape(n_groups * size, -1)[: len(idx)]

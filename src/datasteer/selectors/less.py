@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,19 @@ class LessParams:
             raise ConfigError(f"candidates: must be >= 1 or null, got {self.candidates}")
 
 
+def max_mean_cosine(pool: torch.Tensor, target_sets: Sequence[torch.Tensor]) -> torch.Tensor:
+    """LESS's score of each pool row: its mean cosine with the rows of each target set, maximised over sets.
+
+    Args:
+        pool: ``(n, k)`` candidate features.
+        target_sets: one ``(m_j, k)`` feature matrix per target set (each ``m_j >= 1``).
+
+    Returns:
+        ``(n,)`` float32 scores.
+    """
+    return torch.stack([mean_similarity(pool, t) for t in target_sets]).amax(dim=0)
+
+
 @SELECTORS.register("less")
 class LessSelector(Selector):
     """LESS (Xia et al., 2024; arXiv 2402.04333): top-k pool samples by gradient cosine with the targets.
@@ -70,8 +84,6 @@ class LessSelector(Selector):
         config = GradFeatureConfig(method=p.method, proj_dim=p.proj_dim, seed=p.projection_seed)  # type: ignore[arg-type]
         optimizer = ops.optimizer if p.adam else None
         pool = ops.gradient_features(candidates, config, optimizer=optimizer)
-        scores = torch.stack(
-            [mean_similarity(pool, t.gradient_features(range(len(t.dataset)), config)) for t in ops.targets]
-        ).amax(dim=0)
+        scores = max_mean_cosine(pool, [t.gradient_features(range(len(t.dataset)), config) for t in ops.targets])
         top = torch.topk(scores, min(ctx.num_samples, len(candidates))).indices
         return candidates[top]

@@ -1,0 +1,67 @@
+"""One rank of a 2-process CPU (gloo) DDP run with the NICE selector; writes its plans.
+
+Usage: python -m torch.distributed.run --nproc-per-node 2 nice_worker.py OUT_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch.distributed as dist
+from tests.distributed.ddp_worker import Recording
+from tests.factories import make_dataset, make_model, make_sft_dataset
+from transformers import TrainingArguments, default_data_collator
+
+STEERING = {
+    "paradigm": "select",
+    "algorithm": "nice",
+    "warmup_steps": 1,
+    "update_every": 3,
+    "seed": 9,
+    # 5 targets in groups of 8 // 3 = 2: ranks get 2 and 1 groups (the short one pads).
+    "params": {"proj_dim": 512, "mc_samples": 2, "max_new_tokens": 4, "reward": "token_f1"},
+}
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=4 // world,
+        per_device_eval_batch_size=8,
+        gradient_accumulation_steps=2,
+        max_steps=7,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        ddp_backend="gloo" if world > 1 else None,
+        seed=3,
+        disable_tqdm=True,
+        dataloader_pin_memory=False,
+    )
+    trainer = Recording(
+        model=make_model(),
+        args=args,
+        train_dataset=make_dataset(),
+        eval_dataset=make_sft_dataset(sizes=(0, 0, 5), seed=1).remove_columns("domain"),
+        data_collator=default_data_collator,
+        steering=STEERING,
+    )
+    trainer.trained = []
+    trainer.train()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    plans = [(s, p.tolist() if p is not None else None) for s, p in trainer.steering.sampler._plans]
+    (out / f"rank{rank}.json").write_text(json.dumps({"trained": trainer.trained, "plans": plans}))
+
+
+if __name__ == "__main__":
+    main()
