@@ -49,25 +49,32 @@ def make_dataset(sizes: tuple[int, ...] = (40, 24, 16), seed: int = 0) -> Datase
 def select_context(
     *,
     num_samples: int,
-    pool_size: int,
+    pool_size: int | None = None,
     ops: object = None,
     update: int = 0,
     total_updates: int = 1,
     seed: int = 0,
+    domains: torch.Tensor | list[int] | None = None,
+    names: tuple[str, ...] = ("x",),
 ) -> SelectContext:
-    """A selection context for unit tests: one domain, generator seeded by (seed, update)."""
+    """A selection context for unit tests, generator seeded by (seed, update); one domain
+    unless ``domains`` (a domain id per pool sample, naming ``names``) are given."""
+    if domains is None:
+        assert pool_size is not None, "give pool_size or domains"
+        domains = torch.zeros(pool_size, dtype=torch.long)
+    domains = torch.as_tensor(domains, dtype=torch.long)
     return SelectContext(
         step=0,
         first_step=1,
         last_step=1,
         max_steps=10,
         update=update,
-        domain_names=("x",),
+        domain_names=names,
         generator=torch_generator(seed, "select", update),
         total_updates=total_updates,
         num_samples=num_samples,
-        pool_size=pool_size,
-        domains=torch.zeros(pool_size, dtype=torch.long),
+        pool_size=len(domains),
+        domains=domains,
         ops=ops,  # type: ignore[arg-type]
     )
 

@@ -12,11 +12,10 @@ import torch
 
 from datasteer.errors import ConfigError, SteeringStateError
 from datasteer.prepare import build_index, prepare_selection, search, tsds_from_embeddings
-from datasteer.rng import torch_generator
 from datasteer.selectors.base import SelectContext
 from datasteer.selectors.near import NearParams, NearSelector
 from datasteer.selectors.tsds import TsdsParams, TsdsSelector
-from tests.factories import DOMAINS, make_dataset, make_model
+from tests.factories import DOMAINS, make_dataset, make_model, select_context
 
 
 def unit(degrees: np.ndarray) -> np.ndarray:
@@ -55,19 +54,9 @@ def pool_and_targets() -> tuple[Any, Any, np.ndarray]:
 
 
 def context(pool: Any, targets: Any, ids: np.ndarray, n: int, update: int = 0) -> SelectContext:
-    return SelectContext(
-        step=0,
-        first_step=1,
-        last_step=1,
-        max_steps=10,
-        update=update,
-        domain_names=DOMAINS,
-        generator=torch_generator(0, "select", update),
-        total_updates=2,
-        num_samples=n,
-        pool_size=len(pool),
-        domains=torch.from_numpy(ids),
-        ops=SimpleNamespace(dataset=pool, targets=[SimpleNamespace(dataset=targets)]),  # type: ignore[arg-type]
+    ops = SimpleNamespace(dataset=pool, targets=[SimpleNamespace(dataset=targets)])
+    return select_context(
+        num_samples=n, domains=torch.from_numpy(ids), names=DOMAINS, update=update, total_updates=2, ops=ops
     )
 
 

@@ -58,24 +58,30 @@ class Recording(SteeringTrainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
 
+def worker_args(out: Path, **overrides: object) -> TrainingArguments:
+    """Training arguments of every worker: a global batch of 4 x 2 accumulation whatever the
+    number of ranks, 7 steps, CPU, gloo with several ranks."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    settings: dict[str, object] = {
+        "output_dir": str(out),
+        "per_device_train_batch_size": 4 // world,
+        "gradient_accumulation_steps": 2,
+        "max_steps": 7,
+        "learning_rate": 1e-2,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": True,
+        "ddp_backend": "gloo" if world > 1 else None,
+        "seed": 3,
+        "disable_tqdm": True,
+        "dataloader_pin_memory": False,
+    }
+    return TrainingArguments(**{**settings, **overrides})  # type: ignore[arg-type]
+
+
 def main() -> None:
     out, paradigm = Path(sys.argv[1]), sys.argv[2]
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    args = TrainingArguments(
-        output_dir=str(out),
-        per_device_train_batch_size=4 // world,
-        gradient_accumulation_steps=2,
-        max_steps=7,
-        learning_rate=1e-2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        ddp_backend="gloo" if world > 1 else None,
-        seed=3,
-        disable_tqdm=True,
-        dataloader_pin_memory=False,
-    )
+    args = worker_args(out, logging_steps=1)
     trainer = Recording(
         model=make_model(),
         args=args,

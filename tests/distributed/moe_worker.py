@@ -15,30 +15,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch.distributed as dist
+from tests.distributed.ddp_worker import worker_args
 from tests.factories import DOMAINS, make_dataset, make_moe_model
-from transformers import TrainingArguments, default_data_collator
+from transformers import default_data_collator
 
 from datasteer.hf import SteeringTrainer
 
 
 def main() -> None:
     out, source = Path(sys.argv[1]), sys.argv[2]
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    args = TrainingArguments(
-        output_dir=str(out),
-        per_device_train_batch_size=4 // world,
-        per_device_eval_batch_size=3,
-        gradient_accumulation_steps=2,
-        max_steps=7,
-        learning_rate=1e-2,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        ddp_backend="gloo" if world > 1 else None,
-        seed=3,
-        disable_tqdm=True,
-        dataloader_pin_memory=False,
-    )
+    args = worker_args(out, per_device_eval_batch_size=3)
     evals = None
     if source == "eval":  # one held-out set per domain, named <domain>_eval
         held_out = make_dataset(sizes=(7, 7, 7), seed=1)

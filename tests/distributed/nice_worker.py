@@ -14,9 +14,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch.distributed as dist
-from tests.distributed.ddp_worker import Recording
+from tests.distributed.ddp_worker import Recording, worker_args
 from tests.factories import make_dataset, make_model, make_sft_dataset
-from transformers import TrainingArguments, default_data_collator
+from transformers import default_data_collator
 
 STEERING = {
     "paradigm": "select",
@@ -31,23 +31,7 @@ STEERING = {
 
 def main() -> None:
     out = Path(sys.argv[1])
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    args = TrainingArguments(
-        output_dir=str(out),
-        per_device_train_batch_size=4 // world,
-        per_device_eval_batch_size=8,
-        gradient_accumulation_steps=2,
-        max_steps=7,
-        learning_rate=1e-2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        ddp_backend="gloo" if world > 1 else None,
-        seed=3,
-        disable_tqdm=True,
-        dataloader_pin_memory=False,
-    )
+    args = worker_args(out, per_device_eval_batch_size=8, logging_steps=1)
     trainer = Recording(
         model=make_model(),
         args=args,

@@ -10,10 +10,10 @@ import torch
 from datasteer.config import load_steering, parse_dataclass
 from datasteer.errors import ConfigError
 from datasteer.registry import SELECTORS
-from datasteer.rng import torch_generator
 from datasteer.selectors.base import SelectContext
 from datasteer.selectors.custom import CustomParams, CustomSelector, load_selector_class
 from datasteer.selectors.random import RandomSelector
+from tests.factories import select_context
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "examples" / "custom_selector.py"
 
@@ -85,19 +85,7 @@ def user_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def context(num_samples: int, domains: list[int], names: tuple[str, ...], update: int = 0) -> SelectContext:
-    return SelectContext(
-        step=0,
-        first_step=1,
-        last_step=1,
-        max_steps=10,
-        update=update,
-        domain_names=names,
-        generator=torch_generator(0, "select", update),
-        total_updates=2,
-        num_samples=num_samples,
-        pool_size=len(domains),
-        domains=torch.tensor(domains),
-    )
+    return select_context(num_samples=num_samples, domains=domains, names=names, update=update, total_updates=2)
 
 
 def parse(raw: dict) -> CustomParams:

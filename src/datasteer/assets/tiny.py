@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +105,38 @@ def build_tokenizer(corpus_dir: Path, out_dir: Path, *, vocab_size: int = 4096) 
     return out_dir
 
 
+def _build(
+    out_dir: Path,
+    corpus_dir: Path,
+    asset: str,
+    format_version: int,
+    settings: dict[str, Any],
+    make_model: Callable[[dict[str, Any]], Any],
+) -> Path:
+    """Train the tokenizer, initialise ``make_model(common config keys)`` under
+    ``torch.manual_seed(settings["seed"])`` inside ``fork_rng`` (the caller's RNG is left as it
+    was), save it, then write ``manifest.json`` last."""
+    import torch
+    from transformers import AutoTokenizer
+
+    out_dir, corpus_dir = Path(out_dir), Path(corpus_dir)
+    build_tokenizer(corpus_dir, out_dir, vocab_size=settings["vocab_size"])
+    tokenizer = AutoTokenizer.from_pretrained(str(out_dir))
+    common = {
+        "vocab_size": len(tokenizer),
+        "max_position_embeddings": MODEL_MAX_LENGTH,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "tie_word_embeddings": False,
+    }
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings["seed"])
+        model = make_model(common)
+    _save(out_dir, corpus_dir, model, asset, format_version, settings, len(tokenizer))
+    return out_dir
+
+
 def _save(
     out_dir: Path,
     corpus_dir: Path,
@@ -184,34 +216,25 @@ def build_tiny_llama(
     Raises:
         ValueError: If ``num_heads`` does not divide ``hidden_size``, or a size is not positive.
     """
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     if min(hidden_size, num_layers, num_heads) < 1 or hidden_size % num_heads:
         raise ValueError(
             f"need positive sizes with num_heads dividing hidden_size; got hidden_size={hidden_size}, "
             f"num_layers={num_layers}, num_heads={num_heads}"
         )
-    out_dir, corpus_dir = Path(out_dir), Path(corpus_dir)
-    build_tokenizer(corpus_dir, out_dir, vocab_size=vocab_size)
-    tokenizer = AutoTokenizer.from_pretrained(str(out_dir))
 
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=_intermediate_size(hidden_size),
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
-        max_position_embeddings=MODEL_MAX_LENGTH,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+    def make(common: dict[str, Any]) -> Any:
+        config = LlamaConfig(
+            **common,
+            hidden_size=hidden_size,
+            intermediate_size=_intermediate_size(hidden_size),
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_heads,
+        )
+        return LlamaForCausalLM(config)
+
     settings = {
         "vocab_size": vocab_size,
         "hidden_size": hidden_size,
@@ -219,8 +242,7 @@ def build_tiny_llama(
         "num_heads": num_heads,
         "seed": seed,
     }
-    _save(out_dir, corpus_dir, model, "tiny-llama", TINY_FORMAT_VERSION, settings, len(tokenizer))
-    return out_dir
+    return _build(out_dir, corpus_dir, "tiny-llama", TINY_FORMAT_VERSION, settings, make)
 
 
 def build_tiny_moe(
@@ -264,8 +286,7 @@ def build_tiny_moe(
         ValueError: If a size is not positive, ``num_heads`` does not divide ``hidden_size``
             or ``top_k`` exceeds ``num_experts``.
     """
-    import torch
-    from transformers import AutoTokenizer, Qwen2MoeConfig, Qwen2MoeForCausalLM
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
     if (
         min(hidden_size, num_layers, num_heads, num_experts, top_k) < 1
@@ -276,33 +297,26 @@ def build_tiny_moe(
             f"need positive sizes, num_heads dividing hidden_size and top_k <= num_experts; got hidden_size="
             f"{hidden_size}, num_layers={num_layers}, num_heads={num_heads}, num_experts={num_experts}, top_k={top_k}"
         )
-    out_dir, corpus_dir = Path(out_dir), Path(corpus_dir)
-    build_tokenizer(corpus_dir, out_dir, vocab_size=vocab_size)
-    tokenizer = AutoTokenizer.from_pretrained(str(out_dir))
-    config = Qwen2MoeConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        moe_intermediate_size=2 * hidden_size,
-        shared_expert_intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
-        num_experts=num_experts,
-        num_experts_per_tok=top_k,
-        decoder_sparse_step=1,
-        mlp_only_layers=[],
-        norm_topk_prob=False,
-        output_router_logits=False,
-        max_position_embeddings=MODEL_MAX_LENGTH,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2MoeForCausalLM(config)
+
+    def make(common: dict[str, Any]) -> Any:
+        config = Qwen2MoeConfig(
+            **common,
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            moe_intermediate_size=2 * hidden_size,
+            shared_expert_intermediate_size=2 * hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_heads,
+            num_experts=num_experts,
+            num_experts_per_tok=top_k,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            norm_topk_prob=False,
+            output_router_logits=False,
+        )
+        return Qwen2MoeForCausalLM(config)
+
     settings = {
         "vocab_size": vocab_size,
         "hidden_size": hidden_size,
@@ -312,5 +326,4 @@ def build_tiny_moe(
         "top_k": top_k,
         "seed": seed,
     }
-    _save(out_dir, corpus_dir, model, "tiny-moe", TINY_MOE_FORMAT_VERSION, settings, len(tokenizer))
-    return out_dir
+    return _build(out_dir, corpus_dir, "tiny-moe", TINY_MOE_FORMAT_VERSION, settings, make)

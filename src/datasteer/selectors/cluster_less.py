@@ -14,10 +14,9 @@ from datasteer.config import doc
 from datasteer.errors import ConfigError
 from datasteer.ops.clustering import CLUSTER_METHODS, ClusterMethod, cluster
 from datasteer.ops.embeddings import Pooling
-from datasteer.ops.feature_store import mean_similarity
-from datasteer.ops.gradients import GradFeatureConfig
 from datasteer.registry import SELECTORS
 from datasteer.selectors.base import SelectContext, Selector
+from datasteer.selectors.less import GradientFeatureParams, max_mean_cosine, target_gradient_features
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +24,7 @@ Pick = Literal["random", "nearest", "farthest", "mixed"]
 
 
 @dataclass
-class ClusterLessParams:
+class ClusterLessParams(GradientFeatureParams):
     """Parameters of :class:`ClusterLessSelector`."""
 
     cluster_size: int = doc("Average members per cluster: the pool of N makes k = ceil(N / cluster_size).", default=16)
@@ -43,14 +42,9 @@ class ClusterLessParams:
     )
     pooling: Pooling = doc("How hidden states are pooled into the clustering embedding.", default="mean")
     layer: int = doc("Hidden layer embedded for clustering (-1: the last).", default=-1)
-    proj_dim: int = doc("Dimension of the random projection of the gradients (LESS paper: 8192).", default=1024)
-    method: str = doc(
-        "Gradient-feature method: vmap, loop or dense (Adam-aware); logra (SGD features only).", default="vmap"
-    )
-    adam: bool = doc("Precondition representative gradients with the live Adam state (as LESS).", default=True)
-    projection_seed: int = doc("Seed of the projection (fixed for the run, so scores are comparable).", default=0)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.cluster_size < 1:
             raise ConfigError(f"cluster_size: must be >= 1, got {self.cluster_size}")
         if self.clustering not in CLUSTER_METHODS:
@@ -59,12 +53,6 @@ class ClusterLessParams:
             raise ConfigError(f"niter: must be >= 1, got {self.niter}")
         if self.representatives < 1:
             raise ConfigError(f"representatives: must be >= 1, got {self.representatives}")
-        if self.proj_dim < 1:
-            raise ConfigError(f"proj_dim: must be >= 1, got {self.proj_dim}")
-        if self.method not in ("vmap", "loop", "dense", "logra"):
-            raise ConfigError(f"method: {self.method!r} is not allowed; choose one of 'vmap', 'loop', 'dense', 'logra'")
-        if self.method == "logra" and self.adam:
-            raise ConfigError("method: logra never forms full gradients, so it cannot apply Adam; set adam: false")
 
 
 def order_by_centrality(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -172,18 +160,14 @@ class ClusterLessSelector(Selector):
         p: ClusterLessParams = self.params
         ops = ctx.ops
         assert ops is not None
-        if not ops.targets:
-            raise ConfigError("cluster_less: needs target samples; give the run an evaluation set (eval_dataset)")
+        config = p.feature_config()
+        targets = target_gradient_features(ops, config, "cluster_less")
         if self.labels is None or self.order is None:
             self._cluster(ctx)
         assert self.labels is not None and self.order is not None
         reps, rep_labels = pick_representatives(self.order, self.labels, p.representatives, p.pick, ctx.generator)
-        config = GradFeatureConfig(method=p.method, proj_dim=p.proj_dim, seed=p.projection_seed)  # type: ignore[arg-type]
         features = ops.gradient_features(reps, config, optimizer=ops.optimizer if p.adam else None)
-        per_cluster = cluster_features(features, rep_labels, self.clusters)
-        return torch.stack(
-            [mean_similarity(per_cluster, t.gradient_features(range(len(t.dataset)), config)) for t in ops.targets]
-        ).amax(dim=0)
+        return max_mean_cosine(cluster_features(features, rep_labels, self.clusters), targets)
 
     def select(self, ctx: SelectContext) -> torch.Tensor:
         scores = self.cluster_scores(ctx)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -14,21 +15,21 @@ from datasteer.ops.gradients import GradFeatureConfig
 from datasteer.registry import SELECTORS
 from datasteer.selectors.base import SelectContext, Selector, candidate_subset
 
+if TYPE_CHECKING:
+    from datasteer.ops import ModelOps
+
 
 @dataclass
-class LessParams:
-    """Parameters of :class:`LessSelector`."""
+class GradientFeatureParams:
+    """Gradient-feature settings shared by the gradient-based selectors (LESS, cluster-LESS, NICE)."""
 
-    proj_dim: int = doc("Dimension of the random projection of the gradients (paper: 8192).", default=1024)
+    proj_dim: int = doc("Dimension of the random projection of the gradients (LESS paper: 8192).", default=1024)
     method: str = doc(
         "Gradient-feature method: vmap, loop or dense (Adam-aware); logra (SGD features only).", default="vmap"
     )
     adam: bool = doc(
-        "Precondition candidate gradients with the live Adam state, as one more Adam step would (paper: yes).",
+        "Precondition candidate gradients with the live Adam state, as one more Adam step would (LESS paper: yes).",
         default=True,
-    )
-    candidates: int | None = doc(
-        "Score a fresh random subset of this many pool samples per update (null: all).", default=None
     )
     projection_seed: int = doc("Seed of the projection (fixed for the run, so scores are comparable).", default=0)
 
@@ -39,8 +40,35 @@ class LessParams:
             raise ConfigError(f"method: {self.method!r} is not allowed; choose one of 'vmap', 'loop', 'dense', 'logra'")
         if self.method == "logra" and self.adam:
             raise ConfigError("method: logra never forms full gradients, so it cannot apply Adam; set adam: false")
+
+    def feature_config(self) -> GradFeatureConfig:
+        """The gradient-feature settings of these params."""
+        return GradFeatureConfig(method=self.method, proj_dim=self.proj_dim, seed=self.projection_seed)  # type: ignore[arg-type]
+
+
+@dataclass
+class LessParams(GradientFeatureParams):
+    """Parameters of :class:`LessSelector`."""
+
+    candidates: int | None = doc(
+        "Score a fresh random subset of this many pool samples per update (null: all).", default=None
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.candidates is not None and self.candidates < 1:
             raise ConfigError(f"candidates: must be >= 1 or null, got {self.candidates}")
+
+
+def target_gradient_features(ops: ModelOps, config: GradFeatureConfig, algorithm: str) -> list[torch.Tensor]:
+    """Plain projected gradient features of every row of each target set, one matrix per set.
+
+    Raises:
+        ConfigError: the run has no target (evaluation) set.
+    """
+    if not ops.targets:
+        raise ConfigError(f"{algorithm}: needs target samples; give the run an evaluation set (eval_dataset)")
+    return [t.gradient_features(range(len(t.dataset)), config) for t in ops.targets]
 
 
 def max_mean_cosine(pool: torch.Tensor, target_sets: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -78,12 +106,10 @@ class LessSelector(Selector):
         p: LessParams = self.params
         ops = ctx.ops
         assert ops is not None
-        if not ops.targets:
-            raise ConfigError("less: needs target samples; give the run an evaluation set (eval_dataset)")
+        config = p.feature_config()
+        targets = target_gradient_features(ops, config, "less")
         candidates = candidate_subset(ctx, p.candidates)
-        config = GradFeatureConfig(method=p.method, proj_dim=p.proj_dim, seed=p.projection_seed)  # type: ignore[arg-type]
-        optimizer = ops.optimizer if p.adam else None
-        pool = ops.gradient_features(candidates, config, optimizer=optimizer)
-        scores = max_mean_cosine(pool, [t.gradient_features(range(len(t.dataset)), config) for t in ops.targets])
+        pool = ops.gradient_features(candidates, config, optimizer=ops.optimizer if p.adam else None)
+        scores = max_mean_cosine(pool, targets)
         top = torch.topk(scores, min(ctx.num_samples, len(candidates))).indices
         return candidates[top]

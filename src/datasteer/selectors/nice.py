@@ -12,12 +12,11 @@ from torch import nn
 
 from datasteer.config import doc
 from datasteer.errors import ConfigError
-from datasteer.ops.gradients import GradFeatureConfig
 from datasteer.ops.policy_gradient import Sampling, load_policy
 from datasteer.ops.rewards import ExactMatch, RewardFn, RewardModel, TokenF1, eos_ids
 from datasteer.registry import SELECTORS
 from datasteer.selectors.base import SelectContext, Selector, candidate_subset
-from datasteer.selectors.less import max_mean_cosine
+from datasteer.selectors.less import GradientFeatureParams, max_mean_cosine
 
 if TYPE_CHECKING:
     from datasteer.ops import ModelOps
@@ -28,7 +27,7 @@ REWARDS = ("exact_match", "token_f1", "model")
 
 
 @dataclass
-class NiceParams:
+class NiceParams(GradientFeatureParams):
     """Parameters of :class:`NiceSelector`."""
 
     reward: str = doc(
@@ -58,14 +57,6 @@ class NiceParams:
         "'worst-case protection' option); off: such targets are left out, as in the paper's plain estimator.",
         default=True,
     )
-    proj_dim: int = doc("Dimension of the random projection of the gradients (paper: 8192).", default=1024)
-    method: str = doc(
-        "Gradient-feature method: vmap, loop or dense (Adam-aware); logra (SGD features only).", default="vmap"
-    )
-    adam: bool = doc(
-        "Precondition candidate gradients with the live Adam state, as one more Adam step would (paper: yes).",
-        default=True,
-    )
     candidates: int | None = doc(
         "Score a fresh random subset of this many pool samples per update (null: all).", default=None
     )
@@ -73,9 +64,9 @@ class NiceParams:
         "Sample responses for a fresh random subset of this many rows of each target set per update (null: all).",
         default=None,
     )
-    projection_seed: int = doc("Seed of the projection (fixed for the run, so scores are comparable).", default=0)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.reward not in REWARDS:
             raise ConfigError(f"reward: {self.reward!r} is not allowed; choose one of {', '.join(map(repr, REWARDS))}")
         if (self.reward == "model") != (self.reward_model is not None):
@@ -84,7 +75,7 @@ class NiceParams:
             path = getattr(self, key)
             if path is not None and not Path(path).is_dir():
                 raise ConfigError(f"{key}: {path!r} is not a local model directory")
-        for key in ("mc_samples", "max_new_tokens", "proj_dim"):
+        for key in ("mc_samples", "max_new_tokens"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
         if not self.temperature > 0:
@@ -95,10 +86,6 @@ class NiceParams:
             raise ConfigError(f"top_p: must be in (0, 1], got {self.top_p}")
         if self.baseline not in ("none", "mean"):
             raise ConfigError(f"baseline: {self.baseline!r} is not allowed; choose one of 'none', 'mean'")
-        if self.method not in ("vmap", "loop", "dense", "logra"):
-            raise ConfigError(f"method: {self.method!r} is not allowed; choose one of 'vmap', 'loop', 'dense', 'logra'")
-        if self.method == "logra" and self.adam:
-            raise ConfigError("method: logra never forms full gradients, so it cannot apply Adam; set adam: false")
         for key in ("candidates", "targets"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1 or null, got {getattr(self, key)}")
@@ -177,7 +164,7 @@ class NiceSelector(Selector):
             raise ConfigError("nice: needs target prompts; give the run an evaluation set (eval_dataset, stage sft)")
         candidates = candidate_subset(ctx, p.candidates)
         seed = int(torch.randint(0, 2**62, (1,), generator=ctx.generator))
-        config = GradFeatureConfig(method=p.method, proj_dim=p.proj_dim, seed=p.projection_seed)  # type: ignore[arg-type]
+        config = p.feature_config()
         pool = ops.gradient_features(candidates, config, optimizer=ops.optimizer if p.adam else None)
         policy = self._sampler(ops)
         reward = self._reward(ops, policy if policy is not None else ops.model)
