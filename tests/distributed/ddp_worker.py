@@ -79,6 +79,15 @@ def worker_args(out: Path, **overrides: object) -> TrainingArguments:
     return TrainingArguments(**{**settings, **overrides})  # type: ignore[arg-type]
 
 
+def finish(out: Path, record: object) -> None:
+    """Write this rank's record, then tear the process group down in order: left to exit-time
+    teardown with DeepSpeed imported (accelerate imports it when installed), a rank can abort."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    (out / f"rank{rank}.json").write_text(json.dumps(record))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main() -> None:
     out, paradigm = Path(sys.argv[1]), sys.argv[2]
     args = worker_args(out, logging_steps=1)
@@ -92,12 +101,11 @@ def main() -> None:
     )
     trainer.trained = []
     trainer.train()
-    rank = dist.get_rank() if dist.is_initialized() else 0
     ctl = trainer.steering
     plans = [(s, p.tolist() if p is not None else None) for s, p in ctl.sampler._plans] if ctl.sampler else []
     learned = ctl.algorithm.learned_proportions() if paradigm == "doremi" else None
     record = {"trained": trainer.trained, "plans": plans, "learned": learned.tolist() if learned is not None else None}
-    (out / f"rank{rank}.json").write_text(json.dumps(record))
+    finish(out, record)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ Usage: python -m torch.distributed.run --nproc-per-node 2 moe_worker.py OUT_DIR 
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -14,8 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch.distributed as dist
-from tests.distributed.ddp_worker import worker_args
+from tests.distributed.ddp_worker import finish, worker_args
 from tests.factories import DOMAINS, make_dataset, make_moe_model
 from transformers import default_data_collator
 
@@ -49,7 +47,6 @@ def main() -> None:
         steering=steering,
     )
     trainer.train()
-    rank = dist.get_rank() if dist.is_initialized() else 0
     ctl = trainer.steering
     mixer = ctl.algorithm
     record = {
@@ -59,7 +56,7 @@ def main() -> None:
         "held_out": mixer.held_out.tolist() if mixer.held_out is not None else None,
         "router": trainer.model.model.layers[0].mlp.gate.weight.requires_grad,
     }
-    (out / f"rank{rank}.json").write_text(json.dumps(record))
+    finish(out, record)
 
 
 if __name__ == "__main__":

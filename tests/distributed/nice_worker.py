@@ -5,7 +5,6 @@ Usage: python -m torch.distributed.run --nproc-per-node 2 nice_worker.py OUT_DIR
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -13,8 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch.distributed as dist
-from tests.distributed.ddp_worker import Recording, worker_args
+from tests.distributed.ddp_worker import Recording, finish, worker_args
 from tests.factories import make_dataset, make_model, make_sft_dataset
 from transformers import default_data_collator
 
@@ -42,9 +40,8 @@ def main() -> None:
     )
     trainer.trained = []
     trainer.train()
-    rank = dist.get_rank() if dist.is_initialized() else 0
     plans = [(s, p.tolist() if p is not None else None) for s, p in trainer.steering.sampler._plans]
-    (out / f"rank{rank}.json").write_text(json.dumps({"trained": trainer.trained, "plans": plans}))
+    finish(out, {"trained": trainer.trained, "plans": plans})
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ def test_estimates_are_smoothed_importance_weighted_rewards() -> None:
     mixer.observe(stats(2, [0.25, 0.25, 0.5], [1, 1, 2], [3.0, 1.0, 4.0]))
     # R = 0.9 R + 0.1 * [12, 4, 4]
     assert mixer.estimates.tolist() == pytest.approx([0.36 + 1.2, 0.3 + 0.4, 0.4])
+    assert mixer.report()["reward_estimates"].tolist() == mixer.estimates.tolist()  # written to each record
 
 
 def test_exploration_schedule() -> None:

@@ -92,6 +92,9 @@ class ODMMixer(Mixer):
         eps, eps_prev = self.exploration(t, k), self.exploration(t - 1, k)
         return (1 - k * eps) * torch.softmax(eps_prev * estimates, dim=0) + eps
 
+    def report(self) -> dict[str, torch.Tensor | float]:
+        return {} if self.estimates is None else {"reward_estimates": self.estimates}
+
     def state_dict(self) -> dict[str, Any]:
         return {"estimates": self.estimates, "steps_observed": self.steps_observed}
 
