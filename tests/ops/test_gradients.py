@@ -193,11 +193,12 @@ def test_input_require_grads_hooks_do_not_break_vmap(method: str, caplog: pytest
     model = lora_model()
     ref = features(model, "loop")
     model.enable_input_require_grads()
+    model.get_base_model().enable_input_require_grads()  # twice, as LLaMA-Factory then peft do: one hook orphaned
+    assert len(model.get_input_embeddings()._forward_hooks) == 2
     with caplog.at_level(logging.WARNING, logger=gf.__name__):
         got = features(model, method)
     assert "falling back" not in caplog.text
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
-    hooked = [m for m in model.modules() if getattr(m, "_require_grads_hooks", None)]
-    assert hooked, "the hook must be restored"
+    assert len(model.get_input_embeddings()._forward_hooks) == 2, "the hooks must be restored"
     embeds = model.get_input_embeddings()(torch.tensor([[1, 2]]))
     assert embeds.requires_grad

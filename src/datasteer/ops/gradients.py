@@ -292,22 +292,38 @@ def _batched_features(
     return layout.project(grads, projection)
 
 
+#: Names of the embedding forward hooks that transformers (``enable_input_require_grads``) and
+#: peft register so that LoRA / gradient checkpointing see inputs that require grad.
+INPUT_GRAD_HOOKS = ("make_inputs_require_grads", "make_inputs_require_grad")
+
+
 @contextlib.contextmanager
 def input_grad_hooks_paused(model: nn.Module) -> Iterator[None]:
-    """Pause transformers' ``enable_input_require_grads`` hooks for the duration.
+    """Take the input-require-grad hooks off every embedding for the duration.
 
-    LoRA and gradient-checkpointing setups (LLaMA-Factory's among them) register them: they
-    call ``requires_grad_`` on the embeddings' output, which ``torch.func`` transforms forbid,
-    and gradients w.r.t. the parameters do not need them. They are restored afterwards.
+    They call ``requires_grad_`` on the embeddings' output, which ``torch.func`` transforms
+    forbid, and gradients w.r.t. the parameters do not need them. They are found on the
+    modules themselves rather than through ``disable_input_require_grads``: a model on
+    which ``enable_input_require_grads`` ran twice (LLaMA-Factory, then peft) keeps an
+    earlier hook that no handle refers to any more. Each module's hooks are restored, in
+    order, afterwards.
     """
-    paused = [m for m in model.modules() if getattr(m, "_require_grads_hooks", None)]
-    for module in paused:
-        module.disable_input_require_grads()  # type: ignore[operator]
+    saved = []
+    for module in model.modules():
+        if not isinstance(module, nn.Embedding) or not module._forward_hooks:
+            continue
+        hooks = dict(module._forward_hooks)
+        keep = {k: h for k, h in hooks.items() if getattr(h, "__name__", "") not in INPUT_GRAD_HOOKS}
+        if len(keep) < len(hooks):
+            saved.append((module, hooks))
+            module._forward_hooks.clear()
+            module._forward_hooks.update(keep)
     try:
         yield
     finally:
-        for module in paused:
-            module.enable_input_require_grads()  # type: ignore[operator]
+        for module, hooks in saved:
+            module._forward_hooks.clear()
+            module._forward_hooks.update(hooks)
 
 
 def grad_features(
