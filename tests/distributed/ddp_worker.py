@@ -79,18 +79,25 @@ def worker_args(out: Path, **overrides: object) -> TrainingArguments:
     return TrainingArguments(**{**settings, **overrides})  # type: ignore[arg-type]
 
 
-def finish(out: Path, record: object) -> None:
-    """Write this rank's record, tear the process group down and leave without the
-    interpreter's exit-time teardown. With DeepSpeed installed (accelerate then imports it)
-    that teardown occasionally aborts a rank ("terminate called without an active
-    exception") after all work is done; the record is what the tests check."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    (out / f"rank{rank}.json").write_text(json.dumps(record))
+def leave() -> None:
+    """Tear the process group down and exit without the interpreter's exit-time teardown.
+
+    With DeepSpeed installed (accelerate then imports it), that teardown occasionally aborts
+    a rank ("terminate called without an active exception") after all its work is done and
+    written; what the tests check is the written output.
+    """
     if dist.is_initialized():
         dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def finish(out: Path, record: object) -> None:
+    """Write this rank's record, then :func:`leave`."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    (out / f"rank{rank}.json").write_text(json.dumps(record))
+    leave()
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 import torch.distributed as dist
+from tests.distributed.ddp_worker import leave
 from tests.factories import make_dataset, make_model
 from transformers import default_data_collator
 
@@ -35,8 +36,7 @@ def main() -> None:
     }
     rank = dist.get_rank() if dist.is_initialized() else 0
     torch.save(result, f"{sys.argv[1]}.rank{rank}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    leave()
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch
 from peft import LoraConfig, get_peft_model
+from tests.distributed.ddp_worker import leave
 from tests.factories import make_dataset, make_model
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
@@ -103,7 +104,7 @@ def run_fsdp2(model: nn.Module, out: str) -> None:
     )
     result["checks"] = checks  # type: ignore[assignment]
     torch.save(result, f"{out}.rank{torch.distributed.get_rank()}")
-    torch.distributed.destroy_process_group()
+    leave()
 
 
 def whole(p: torch.Tensor) -> torch.Tensor:
@@ -149,7 +150,7 @@ def main() -> None:
     )
     result["checks"] = checks  # type: ignore[assignment]
     torch.save(result, f"{out}.rank{torch.distributed.get_rank()}")
-    torch.distributed.destroy_process_group()
+    leave()
 
 
 if __name__ == "__main__":
