@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from datasteer.errors import ConfigError, SteeringStateError
 from datasteer.prepare import build_index, prepare_selection, search, tsds_from_embeddings
@@ -53,8 +54,9 @@ def pool_and_targets() -> tuple[Any, Any, np.ndarray]:
     return pool, targets, ids
 
 
-def context(pool: Any, targets: Any, ids: np.ndarray, n: int, update: int = 0) -> SelectContext:
-    ops = SimpleNamespace(dataset=pool, targets=[SimpleNamespace(dataset=targets)])
+def context(pool: Any, targets: Any, ids: np.ndarray, n: int, update: int = 0, model: Any = None) -> SelectContext:
+    model = model if model is not None else make_model()
+    ops = SimpleNamespace(model=model, dataset=pool, targets=[SimpleNamespace(dataset=targets)])
     return select_context(
         num_samples=n, domains=torch.from_numpy(ids), names=DOMAINS, update=update, total_updates=2, ops=ops
     )
@@ -93,6 +95,18 @@ def test_changed_pool_or_settings_make_the_selector_refuse(tmp_path: Path) -> No
     other_targets = make_dataset((0, 8, 0), seed=1)
     with pytest.raises(SteeringStateError, match="another pool"):
         TsdsSelector(params).select(context(pool, other_targets, ids, 4))
+    wider = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    )
+    with pytest.raises(SteeringStateError, match="other settings"):  # embedded by another model
+        TsdsSelector(params).select(context(pool, targets, ids, 4, model=wider))
 
 
 def test_near_prepare_writes_neighbour_lists(tmp_path: Path) -> None:

@@ -35,7 +35,7 @@ from torch import nn
 from datasteer.config import SteeringConfig
 from datasteer.errors import ConfigError
 from datasteer.ops.embeddings import LocalEncoder, embed
-from datasteer.ops.prepared import pool_fingerprint, row_token_ids, write_prepared
+from datasteer.ops.prepared import embedding_settings, pool_fingerprint, row_token_ids, write_prepared
 from datasteer.selectors.near import NearParams
 from datasteer.selectors.tsds import TsdsParams, kernel_density, tsds_probabilities
 
@@ -193,7 +193,7 @@ def prepare_selection(
 
     pool_emb = embed_rows(pool, "embed pool")
     target_emb = np.concatenate([embed_rows(t, "embed targets") for t in targets])
-    settings = params.settings()
+    settings = embedding_settings(params.settings(), model)
     if kind == "near":
         _, ids = search(build_index(pool_emb), target_emb, params.neighbours)
         tensors = {"neighbours": torch.from_numpy(ids)}

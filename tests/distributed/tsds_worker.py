@@ -19,7 +19,7 @@ def main() -> None:
     prepared, out = sys.argv[1], Path(sys.argv[2])
     dist.init_process_group("gloo")
     pool = [{"input_ids": [i, i + 1]} for i in range(6)]
-    ops = SimpleNamespace(dataset=pool, targets=[SimpleNamespace(dataset=[{"input_ids": [9, 9]}])])
+    ops = SimpleNamespace(model=None, dataset=pool, targets=[SimpleNamespace(dataset=[{"input_ids": [9, 9]}])])
     selector = TsdsSelector(TsdsParams(prepared=prepared))
     picks = []
     for update in range(3):

@@ -114,7 +114,7 @@ TARGETS = [{"input_ids": [9, 9]}]
 
 
 def fake_ops() -> SimpleNamespace:
-    return SimpleNamespace(dataset=POOL, targets=[SimpleNamespace(dataset=TARGETS)])
+    return SimpleNamespace(model=None, dataset=POOL, targets=[SimpleNamespace(dataset=TARGETS)])
 
 
 def write(tmp_path: Path, params: TsdsParams, probs: list[float]) -> None:
@@ -167,7 +167,7 @@ def test_selector_refuses_a_missing_or_foreign_file(tmp_path: Path) -> None:
     with pytest.raises(SteeringStateError, match="another pool or other settings"):
         TsdsSelector(params).select(ctx(0, 2))  # type: ignore[arg-type]
     write(tmp_path, params, [1 / 6] * 6)
-    other_pool = SimpleNamespace(dataset=POOL[::-1], targets=[SimpleNamespace(dataset=TARGETS)])
+    other_pool = SimpleNamespace(model=None, dataset=POOL[::-1], targets=[SimpleNamespace(dataset=TARGETS)])
     with pytest.raises(SteeringStateError, match="another pool"):
         TsdsSelector(params).select(ctx(0, 2, other_pool))  # type: ignore[arg-type]
 

@@ -10,7 +10,8 @@ token ids of every pool row in pool order, each row's domain, the domain names, 
 ids of every target row, and the algorithm's preparation settings. The online selector
 recomputes it from the rows it trains on (:func:`pool_fingerprint`) and refuses a file
 whose fingerprint differs, so a changed dataset, cutoff length, template or setting is
-caught instead of silently selecting the wrong rows.
+caught instead of silently selecting the wrong rows. The settings include the architecture
+of the model that embedded the rows (:func:`embedding_settings`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ from safetensors.torch import load_file, save_file
 from datasteer.errors import SteeringStateError
 from datasteer.ops.feature_store import fingerprint
 
-__all__ = ["FORMAT", "pool_fingerprint", "read_prepared", "row_token_ids", "write_prepared"]
+__all__ = ["FORMAT", "embedding_settings", "pool_fingerprint", "read_prepared", "row_token_ids", "write_prepared"]
+
+#: The training model's config keys a prepared file is tied to (when it embedded the rows).
+MODEL_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")
 
 FORMAT = "datasteer-prepared/1"
 
@@ -36,6 +40,18 @@ FORMAT = "datasteer-prepared/1"
 def row_token_ids(dataset: Any) -> list[list[int]]:
     """The ``input_ids`` of every row of a map-style dataset, in order."""
     return [list(dataset[i]["input_ids"]) for i in range(len(dataset))]
+
+
+def embedding_settings(settings: Mapping[str, object], model: Any) -> dict[str, object]:
+    """What a prepared file depends on: the algorithm's settings and, unless a local
+    ``encoder`` (named in the settings) embedded the rows, the training model's architecture
+    (``MODEL_KEYS`` of its config), so that a file prepared with another model is refused.
+    The weights are not part of it: they change as the run trains."""
+    out = dict(settings)
+    if out.get("encoder") is None and model is not None:
+        config = model.config
+        out["model"] = {key: getattr(config, key, None) for key in MODEL_KEYS}
+    return out
 
 
 def pool_fingerprint(

@@ -11,7 +11,7 @@ import torch
 from datasteer.config import doc
 from datasteer.errors import ConfigError
 from datasteer.ops.feature_store import topk_similarity
-from datasteer.ops.prepared import pool_fingerprint, read_prepared, row_token_ids
+from datasteer.ops.prepared import embedding_settings, pool_fingerprint, read_prepared, row_token_ids
 from datasteer.registry import SELECTORS
 from datasteer.selectors.base import SelectContext, Selector
 
@@ -77,7 +77,7 @@ class NearSelector(Selector):
                 domains=ctx.domains,
                 domain_names=ctx.domain_names,
                 target_ids=[row_token_ids(t.dataset) for t in ctx.ops.targets],
-                settings=p.settings(),
+                settings=embedding_settings(p.settings(), ctx.ops.model),
             )
             return read_prepared(p.prepared, "near", expected)["neighbours"].long()
         pool = ctx.ops.embeddings(torch.arange(ctx.pool_size), layer=p.layer, pooling=p.pooling)

@@ -13,7 +13,7 @@ import torch
 
 from datasteer.config import doc
 from datasteer.errors import ConfigError, SteeringStateError
-from datasteer.ops.prepared import pool_fingerprint, read_prepared, row_token_ids
+from datasteer.ops.prepared import embedding_settings, pool_fingerprint, read_prepared, row_token_ids
 from datasteer.registry import SELECTORS
 from datasteer.selectors.base import SelectContext, Selector
 
@@ -202,7 +202,7 @@ class TsdsSelector(Selector):
             domains=ctx.domains,
             domain_names=ctx.domain_names,
             target_ids=[row_token_ids(t.dataset) for t in ctx.ops.targets],
-            settings=self.params.settings(),
+            settings=embedding_settings(self.params.settings(), ctx.ops.model),
         )
         probs = read_prepared(self.params.prepared, "tsds", expected)["probabilities"].double()
         if probs.shape != (ctx.pool_size,) or not torch.isfinite(probs).all() or (probs < 0).any():
