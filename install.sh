@@ -19,11 +19,13 @@ fi
 # DeepSpeed (the `deepspeed` extra: ZeRO-3 runs and their tests) is a source distribution whose
 # setup imports torch: build it against the torch just installed (no build isolation), without
 # compiling its ops (DS_BUILD_OPS=0; the CPU ops it needs are JIT-built on first use), and pin
-# torch again in the same command so that pip cannot swap it. The spec is the extra's, named
-# directly so that datasteer itself is not rebuilt without isolation. Skip: INSTALL_DEEPSPEED=0.
+# torch again in the same command so that pip cannot swap it. It is named directly (the tested
+# release; the extra allows >=0.16) so that datasteer itself is not rebuilt without isolation.
+# Another release: DEEPSPEED_SPEC="deepspeed==..."; skip: INSTALL_DEEPSPEED=0.
+DEEPSPEED_SPEC=${DEEPSPEED_SPEC:-deepspeed==0.19.8}
 if [ "${INSTALL_DEEPSPEED:-1}" != 0 ]; then
     DS_BUILD_OPS=0 DS_ACCELERATOR=cpu .venv/bin/python -m pip install --quiet --no-build-isolation \
-        "deepspeed>=0.16" "$TORCH_SPEC"
+        "$DEEPSPEED_SPEC" "$TORCH_SPEC"
 fi
 
 # LLaMA-Factory pulls torchvision and torchaudio builds that do not load beside this torch.
