@@ -410,3 +410,22 @@ def test_proportions_of_the_wrong_length_fail_when_the_trainer_is_built(tmp_path
             data_collator=default_data_collator,
             steering=steering,
         )
+
+
+def test_evaluation_loaders_are_built_once_for_all_updates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Model-based updates read the target sets through the Trainer's evaluation loaders once,
+    not at every update (accelerate keeps every loader it prepares)."""
+    calls: list[object] = []
+    original = RecordingTrainer.get_eval_dataloader
+
+    def counting(self, eval_dataset=None):  # type: ignore[no-untyped-def]
+        calls.append(eval_dataset)
+        return original(self, eval_dataset)
+
+    monkeypatch.setattr(RecordingTrainer, "get_eval_dataloader", counting)
+    targets = make_dataset(sizes=(0, 0, 6), seed=1).remove_columns("domain")
+    params = {"refresh": True}  # re-embeds pool and targets at every update
+    steering = {"paradigm": "select", "algorithm": "near", "warmup_steps": 1, "update_every": 2, "params": params}
+    run(tmp_path, steering, max_steps=7, eval_dataset=targets)
+    assert len(read_records(tmp_path / "steering.jsonl")) == 3
+    assert len(calls) == 1

@@ -153,6 +153,10 @@ class SteeringMixin:
         self.steering = None
         self._steering_resume: str | None = None
         self._steering_reference: torch.nn.Module | None = None
+        # (name, rows, collator) of each target (evaluation) set, read from the Trainer's own
+        # evaluation loaders once: asking for a loader at every update would make accelerate
+        # prepare (and keep) one more each time.
+        self._steering_targets: list[tuple[str | None, Any, Any]] | None = None
         self.steering_config: SteeringConfig | None = None
         if steering is None:
             return
@@ -283,13 +287,15 @@ class SteeringMixin:
     def _steering_ops(self, dataloader: Any, optimizer: Any = None) -> ModelOps:
         trainer: Any = self
         size, device = trainer.args.per_device_eval_batch_size, trainer.args.device
-        evals = trainer.eval_dataset
-        names = list(evals) if isinstance(evals, Mapping) else ([None] if evals is not None else [])
-        # The Trainer's own evaluation loaders give each target set its columns and collator.
-        loaders = [trainer.get_eval_dataloader(name) for name in names]
+        if self._steering_targets is None:
+            evals = trainer.eval_dataset
+            names = list(evals) if isinstance(evals, Mapping) else ([None] if evals is not None else [])
+            # The Trainer's own evaluation loaders give each target set its columns and collator.
+            loaders = [trainer.get_eval_dataloader(name) for name in names]
+            self._steering_targets = [(n, ld.dataset, ld.collate_fn) for n, ld in zip(names, loaders, strict=True)]
         targets = [
-            ModelOps(trainer.model, ld.dataset, ld.collate_fn, size, device, name=name)
-            for ld, name in zip(loaders, names, strict=True)
+            ModelOps(trainer.model, rows, collate, size, device, name=name)
+            for name, rows, collate in self._steering_targets
         ]
         return ModelOps(trainer.model, dataloader.dataset, dataloader.collate_fn, size, device, targets, optimizer)
 
