@@ -1,4 +1,4 @@
-"""The ``datasteer`` command: train, prepare, list, assets, quickstart, version.
+"""The ``datasteer`` command: train, prepare, list, assets, quickstart, eval, plot, version.
 
 A bad configuration prints one line saying what is wrong and how to fix it, exits with
 code 2, and writes nothing.
@@ -141,6 +141,17 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(ns: argparse.Namespace) -> int:
+    from datasteer.plot import plot_run
+
+    try:
+        path = plot_run(ns.output_dir, ns.output)
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        return _fail(str(err))
+    print(f"datasteer: wrote {path}")
+    return 0
+
+
 def cmd_version(ns: argparse.Namespace) -> int:
     print(f"datasteer {__version__}")
     return 0
@@ -183,6 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--output", default=None, help="also write the numbers to this JSON file")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("plot", help="draw a run's steering.jsonl (proportions, selections or weights) as a PNG")
+    p.add_argument("output_dir", help="the run's output_dir, holding steering.jsonl")
+    p.add_argument("--output", default=None, help="PNG to write (default: OUTPUT_DIR/steering.png)")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=cmd_version)
