@@ -109,6 +109,12 @@ class ModelOps:
         for _ in range(need):
             yield from self.batches(filler)
 
+    def _parameters_for(self, config: GradFeatureConfig) -> contextlib.AbstractContextManager[Any]:
+        """Whole parameters for a gradient pass: ``logra`` runs through the engine's own
+        layer-by-layer gathering; the other methods need whole parameters for
+        ``functional_call`` (one read-only gather, see :func:`full_parameters`)."""
+        return contextlib.nullcontext() if config.method == "logra" else full_parameters(self.model)
+
     @torch.no_grad()
     def sample_losses(self, indices: Sequence[int] | torch.Tensor, desc: str = "per-sample loss") -> torch.Tensor:
         """Token-mean loss of each pool sample in ``indices`` (eval mode, no gradient).
@@ -178,8 +184,7 @@ class ModelOps:
                 "(the optimizer's moments are partitioned); turn the algorithm's `adam` parameter off"
             )
         mine, total = self._my_share(indices)
-        whole = contextlib.nullcontext() if config.method == "logra" else full_parameters(self.model)
-        with whole:
+        with self._parameters_for(config):
             local = grad_features(self.model, self._rank_batches(mine, indices), config, optimizer=optimizer)
         return dist.gather_rows(local[: len(mine)], total)
 
@@ -189,9 +194,9 @@ class ModelOps:
         """Top-k routed-token counts of each sample per MoE layer and expert, ``(n, L, E)``
         (see :func:`datasteer.ops.moe.expert_loads`), the same on every rank."""
         mine, total = self._my_share(indices)
-        run = mine or torch.as_tensor(indices)[:1].tolist()  # a rank without samples still learns (L, E)
-        local = expert_loads(self.model, self.batches(run), top_k=top_k, device=self.device, total=len(run), desc=desc)
-        return dist.gather_rows(local if mine else local[:0], total)
+        batches = self._rank_batches(mine, indices)
+        local = expert_loads(self.model, batches, top_k=top_k, device=self.device, total=len(mine), desc=desc)
+        return dist.gather_rows(local[: len(mine)], total)
 
     def policy_gradient_features(
         self,
@@ -234,10 +239,7 @@ class ModelOps:
         per = -(-n_groups // dist.world_size())
         groups = [*range(start, stop), *[0] * (per - (stop - start))]
         slots = [p if p < len(idx) else 0 for g in groups for p in range(g * size, (g + 1) * size)]
-        # As in gradient_features: whole parameters for functional_call (sampling then needs
-        # no collective either); logra runs through the engine's own gathering.
-        whole = contextlib.nullcontext() if config.method == "logra" else full_parameters(self.model)
-        with whole:
+        with self._parameters_for(config):  # sampling then needs no collective either
             local = policy_gradient_features(
                 self.model,
                 [targets[p] for p in slots],
