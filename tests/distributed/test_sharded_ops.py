@@ -1,30 +1,21 @@
-"""Model operations under DeepSpeed ZeRO-3 with 2 CPU processes equal those of the plain model."""
+"""Model operations on a model sharded by DeepSpeed ZeRO-3 or FSDP2 (``fully_shard``), with 2 CPU
+processes, equal those of the plain model in one process."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from tests.distributed.test_ddp import free_port
 
 WORKER = Path(__file__).with_name("zero3_worker.py")
 FEATURES = ("logra", "vmap", "dense", "loop", "losses", "embeddings")
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs the deepspeed extra"),
-]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+NEEDS_DEEPSPEED = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs the deepspeed extra")
 
 
 def run(out: Path, *args: str, nproc: int = 1) -> None:
@@ -36,20 +27,26 @@ def run(out: Path, *args: str, nproc: int = 1) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["full", "lora"])
-def test_zero3_operations_equal_one_process(tmp_path: Path, variant: str) -> None:
-    """Losses, embeddings and gradient features (logra through DeepSpeed's hooks; vmap, dense
-    and loop on gathered parameters) match the unsharded model; nothing is trained or left."""
+@pytest.mark.parametrize("engine", [pytest.param("zero3", marks=NEEDS_DEEPSPEED), "fsdp2"])
+def test_sharded_operations_equal_one_process(tmp_path: Path, engine: str, variant: str) -> None:
+    """Losses, embeddings and gradient features (logra through the engine's own hooks; vmap,
+    dense and loop on gathered / unsharded parameters) match the unsharded model; nothing is
+    trained or left behind (no gradient, no optimizer state, parameters unchanged); Adam
+    features are refused."""
     extra = ["lora"] if variant == "lora" else []
     run(tmp_path / "plain", "plain", *extra)
-    run(tmp_path / "zero3", "zero3", *extra, nproc=2)
+    run(tmp_path / engine, engine, *extra, nproc=2)
     single = torch.load(tmp_path / "plain.rank0")
     for rank in (0, 1):
-        got = torch.load(tmp_path / f"zero3.rank{rank}")
+        got = torch.load(tmp_path / f"{engine}.rank{rank}")
         for key in FEATURES:
             assert got[key].shape[0] == 19, key
             torch.testing.assert_close(got[key], single[key], rtol=1e-5, atol=1e-5, msg=key)
         assert all(got["checks"].values()), got["checks"]
         assert "adam_rejected" in got  # Adam features need the partitioned moments: a clear error
-        if variant == "full":  # the gathered passes give every partition back
+        # The gathered passes give every partition back (FSDP2: DTensor shards again). ZeRO-3
+        # with LoRA keeps the first LoRA layers' parameters gathered until its next backward.
+        if engine == "fsdp2" or variant == "full":
             assert bool(got["partitioned"])
