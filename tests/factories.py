@@ -16,16 +16,21 @@ SEQ = 12
 DOMAINS = ("alpha", "beta", "gamma")
 
 
+def tiny_config(**overrides: object) -> LlamaConfig:
+    """The tiny Llama of the tests (vocabulary ``VOCAB``, width 16, 2 layers), with overrides."""
+    settings: dict[str, object] = {
+        "vocab_size": VOCAB,
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+    }
+    return LlamaConfig(**{**settings, **overrides})
+
+
 def make_model(seed: int = 0) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    config = tiny_config(max_position_embeddings=64)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return LlamaForCausalLM(config)

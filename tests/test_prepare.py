@@ -9,14 +9,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from datasteer.errors import ConfigError, SteeringStateError
 from datasteer.prepare import build_index, prepare_selection, search, tsds_from_embeddings
 from datasteer.selectors.base import SelectContext
 from datasteer.selectors.near import NearParams, NearSelector
 from datasteer.selectors.tsds import TsdsParams, TsdsSelector
-from tests.factories import DOMAINS, make_dataset, make_model, select_context
+from tests.factories import DOMAINS, make_dataset, make_model, select_context, tiny_config
 
 
 def unit(degrees: np.ndarray) -> np.ndarray:
@@ -95,16 +95,7 @@ def test_changed_pool_or_settings_make_the_selector_refuse(tmp_path: Path) -> No
     other_targets = make_dataset((0, 8, 0), seed=1)
     with pytest.raises(SteeringStateError, match="another pool"):
         TsdsSelector(params).select(context(pool, other_targets, ids, 4))
-    wider = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-        )
-    )
+    wider = LlamaForCausalLM(tiny_config(hidden_size=32))
     with pytest.raises(SteeringStateError, match="other settings"):  # embedded by another model
         TsdsSelector(params).select(context(pool, targets, ids, 4, model=wider))
 

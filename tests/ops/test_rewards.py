@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForSequenceClassification
+from transformers import LlamaForSequenceClassification
 
 from datasteer.ops.rewards import ExactMatch, RewardModel, TokenF1, split_prompt_response, token_f1
-from tests.factories import VOCAB
+from tests.factories import VOCAB, tiny_config
 
 EOS = frozenset({2})
 
@@ -45,15 +45,7 @@ def test_token_f1_by_hand() -> None:
 
 
 def tiny_reward_model(num_labels: int = 1, vocab: int = VOCAB) -> LlamaForSequenceClassification:
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        num_labels=num_labels,
-    )
+    config = tiny_config(vocab_size=vocab, num_hidden_layers=1, num_labels=num_labels)
     with torch.random.fork_rng():
         torch.manual_seed(0)
         return LlamaForSequenceClassification(config)

@@ -19,7 +19,7 @@ from datasteer.errors import ConfigError
 from datasteer.ops import ModelOps
 from datasteer.rng import torch_generator
 from datasteer.selectors.nice import NiceParams, NiceSelector
-from tests.factories import make_dataset, make_model, select_context
+from tests.factories import make_dataset, make_model, select_context, tiny_config
 
 POOL = torch.randn(12, 5, generator=torch_generator(1, "pool"))
 
@@ -177,18 +177,10 @@ def test_bad_params(raw: dict, message: str) -> None:
 
 
 def test_local_policy_and_reward_model_are_loaded_and_checked(tmp_path: Path) -> None:
-    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from transformers import LlamaForSequenceClassification
 
     make_model(seed=1).save_pretrained(tmp_path / "policy")
-    config = LlamaConfig(
-        vocab_size=65,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        num_labels=1,
-    )
+    config = tiny_config(vocab_size=65, num_hidden_layers=1, num_labels=1)
     LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
     model = make_model()
     target = ModelOps(model, one_token_rows([3, 4], [5, 6]), default_data_collator, 8, torch.device("cpu"), name="t")
