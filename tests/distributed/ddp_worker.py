@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch.distributed as dist
-from tests.factories import make_dataset, make_model
+from tests.factories import make_dataset, make_model, make_sft_dataset
 from transformers import TrainingArguments, default_data_collator
 
 from datasteer.hf import SteeringTrainer
@@ -40,6 +40,15 @@ STEERING = {
         "update_every": 3,
         "seed": 9,
         "params": {"cluster_size": 8, "proj_dim": 512},
+    },
+    "nice": {
+        "paradigm": "select",
+        "algorithm": "nice",
+        "warmup_steps": 1,
+        "update_every": 3,
+        "seed": 9,
+        # 5 targets in groups of 8 // 3 = 2: ranks get 2 and 1 groups (the short one pads).
+        "params": {"proj_dim": 512, "mc_samples": 2, "max_new_tokens": 4, "reward": "token_f1"},
     },
     "less": {
         "paradigm": "select",
@@ -105,11 +114,13 @@ def finish(out: Path, record: object) -> None:
 def main() -> None:
     out, paradigm = Path(sys.argv[1]), sys.argv[2]
     args = worker_args(out, logging_steps=1)
+    # Target rows of domain gamma: prompt/response rows for NICE, plain rows otherwise.
+    targets = make_sft_dataset(sizes=(0, 0, 5), seed=1) if paradigm == "nice" else make_dataset((0, 0, 6), seed=1)
     trainer = Recording(
         model=make_model(),
         args=args,
         train_dataset=make_dataset(),
-        eval_dataset=make_dataset(sizes=(0, 0, 6), seed=1).remove_columns("domain"),
+        eval_dataset=targets.remove_columns("domain"),
         data_collator=default_data_collator,
         steering=STEERING[paradigm],
     )

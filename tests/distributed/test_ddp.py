@@ -130,7 +130,7 @@ def test_sharded_model_operations_equal_one_process(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("paradigm", ["near", "less", "cluster_less"])
+@pytest.mark.parametrize("paradigm", ["near", "less", "cluster_less", "nice"])
 def test_model_based_selections_agree_across_ranks(tmp_path: Path, paradigm: str) -> None:
     """Both ranks serve one selection (rank 0's, broadcast). The first is computed from the
     initial weights, so it equals the 1-process selection exactly; later ones come from
