@@ -288,8 +288,7 @@ class SteeringController:
         k = len(self.domain_names)
         self._served += np.bincount(ids, minlength=k)
         if losses is not None and tokens is not None:
-            loss = losses.detach().double().cpu().numpy()
-            count = tokens.detach().double().cpu().numpy()
+            loss, count = _numpy(losses), _numpy(tokens)
             self._step_stats += np.stack(
                 [
                     np.bincount(ids, minlength=k),

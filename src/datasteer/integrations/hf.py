@@ -37,6 +37,7 @@ from datasteer.controller import SteeringController
 from datasteer.errors import ConfigError, SteeringStateError
 from datasteer.mixers.base import Mixer
 from datasteer.ops import INDEX_KEY, ModelOps, per_sample_loss, per_token_loss
+from datasteer.ops.losses import token_mean
 from datasteer.ops.reference import excess_loss, load_reference_model
 from datasteer.registry import registry_for
 from datasteer.runlog import RunLog
@@ -269,8 +270,7 @@ class SteeringMixin:
         labels = inputs.pop("labels")
         outputs = model(**inputs)
         token_losses, mask = per_token_loss(outputs.logits, labels)
-        counts = mask.sum(dim=1)
-        losses = token_losses.sum(dim=1) / counts.clamp_min(1)
+        losses, counts = token_mean(token_losses, mask)
         reference = self._steering_reference
         excess = excess_loss(reference, inputs, labels, token_losses) if reference is not None else None
         ctl.observe(indices, losses, counts, excess)

@@ -50,6 +50,11 @@ def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
         ``(losses, counts)``: ``(b,)`` mean loss over each sample's labelled tokens
         (0 when it has none) and ``(b,)`` the number of those tokens.
     """
-    losses, mask = per_token_loss(logits, labels)
+    return token_mean(*per_token_loss(logits, labels))
+
+
+def token_mean(token_losses: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(losses, counts)`` of :func:`per_sample_loss` from :func:`per_token_loss`'s output
+    (for callers that also need the per-token losses)."""
     counts = mask.sum(dim=1)
-    return losses.sum(dim=1) / counts.clamp_min(1), counts
+    return token_losses.sum(dim=1) / counts.clamp_min(1), counts
