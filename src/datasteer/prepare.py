@@ -128,8 +128,8 @@ def _embed_rows(
         assert model is not None
         pad_id = getattr(tokenizer, "pad_token_id", None) or 0
         batches = list(_batches(dataset, batch_size, pad_id))
-        out = embed(model, batches, layer=layer, pooling=pooling, normalize=True, desc=desc)
-    return torch.nn.functional.normalize(out.float(), dim=1).numpy()
+        out = embed(model, batches, layer=layer, pooling=pooling, normalize=False, desc=desc)
+    return torch.nn.functional.normalize(out.float(), dim=1).numpy()  # the one normalisation, both paths
 
 
 # --------------------------------------------------------------------------- preparation
