@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 
@@ -154,23 +154,25 @@ def test_load_steering_types_params_into_the_algorithm_dataclass() -> None:
             "params": {"concentration": 3},
         }
     )
-    assert isinstance(config, SteeringConfig)
-    assert (config.paradigm, config.algorithm, config.warmup_steps, config.update_every) == ("mix", "random", 4, 2)
-    assert config.params == RandomMixParams(concentration=3.0)
-    assert type(config.params.concentration) is float
+    assert isinstance(config, SteeringConfig) and config.paradigms == ("mix",)
+    stage = config.stages["mix"]
+    assert (stage.algorithm, stage.warmup_steps, stage.update_every) == ("random", 4, 2)
+    assert stage.params == RandomMixParams(concentration=3.0)
+    assert type(stage.params.concentration) is float
 
 
 def test_load_steering_without_params_uses_defaults() -> None:
     config = load_steering({"paradigm": "select", "algorithm": "random"})
-    assert config.params == RandomSelectParams(replacement=False, fraction=None)
-    assert (config.lag, config.seed, config.max_updates, config.log_file) == (None, None, None, "steering.jsonl")
+    assert config.stages["select"].params == RandomSelectParams(replacement=False, fraction=None)
+    assert config.stages["select"].max_updates is None
+    assert (config.lag, config.seed, config.log_file) == (None, None, "steering.jsonl")
 
 
 def test_load_steering_parses_nested_schedule_points() -> None:
     config = load_steering(
         {"paradigm": "mix", "algorithm": "scheduled", "params": {"schedule": [[0, [1, 0]], [10, [0, 1]]]}}
     )
-    assert config.params == ScheduledParams(schedule=[(0, [1.0, 0.0]), (10, [0.0, 1.0])])
+    assert config.stages["mix"].params == ScheduledParams(schedule=[(0, [1.0, 0.0]), (10, [0.0, 1.0])])
 
 
 def test_unknown_paradigm() -> None:
@@ -226,7 +228,56 @@ def test_weight_paradigm_rejects_update_every() -> None:
         load_steering({"paradigm": "weight", "algorithm": "uniform", "update_every": 2})
     with pytest.raises(ConfigError, match=r"^datasteer\.update_every: weighting acts at every step"):
         load_steering({"paradigm": "weight", "algorithm": "uniform", "max_updates": 3})
-    assert load_steering({"paradigm": "weight", "algorithm": "uniform", "update_every": 1}).update_every == 1
+    assert (
+        load_steering({"paradigm": "weight", "algorithm": "uniform", "update_every": 1}).stages["weight"].update_every
+        == 1
+    )
+    with pytest.raises(ConfigError, match=r"^datasteer\.weight\.update_every: weighting acts at every step"):
+        load_steering({"weight": {"algorithm": "uniform", "update_every": 2}})
+
+
+# -- the staged form -------------------------------------------------------------------------------
+
+
+def test_staged_form_parses_each_stage_with_its_own_schedule() -> None:
+    config = load_steering(
+        {
+            "seed": 3,
+            "weight": {"algorithm": "uniform", "warmup_steps": 5},
+            "select": {"algorithm": "random", "update_every": 4, "params": {"fraction": 0.5}},
+            "mix": {"algorithm": "random", "update_every": 2, "max_updates": 3, "params": {"concentration": 2}},
+        }
+    )
+    assert config.paradigms == ("mix", "select", "weight")  # composition order, whatever the YAML order
+    assert config.describe() == "mix/random + select/random + weight/uniform"
+    assert (config.stages["mix"].update_every, config.stages["mix"].max_updates) == (2, 3)
+    assert config.stages["mix"].params == RandomMixParams(concentration=2.0)
+    assert config.stages["select"].params == RandomSelectParams(fraction=0.5)
+    assert config.stages["weight"].warmup_steps == 5 and config.seed == 3
+
+
+def test_one_stage_forms_are_the_same_config() -> None:
+    single = load_steering({"paradigm": "mix", "algorithm": "random", "update_every": 2, "seed": 1})
+    staged = load_steering({"mix": {"algorithm": "random", "update_every": 2}, "seed": 1})
+    assert single == staged
+
+
+@pytest.mark.parametrize(
+    ("block", "message"),
+    [
+        ({"mix": {"algorithm": "random"}, "algorithm": "loss"}, r"^datasteer\.algorithm: the staged form"),
+        ({"mix": {"algorithm": "random"}, "update_every": 2}, r"^datasteer\.update_every: the staged form"),
+        ({"mix": {"algorithm": "random", "update_evry": 2}}, r"^datasteer\.mix\.update_evry: unknown key \(did you"),
+        ({"mix": {"params": {}}}, r"^datasteer\.mix\.algorithm: required key is missing"),
+        ({"select": {"algorithm": "odm"}}, r"^datasteer\.select\.algorithm: unknown select algorithm 'odm'"),
+        ({"mix": "odm"}, r"^datasteer\.mix: expected a mapping"),
+        ({"mix": {"algorithm": "random", "params": {"x": 1}}}, r"^datasteer\.mix\.params\.x: unknown key"),
+        ({"mix": {"algorithm": "random"}, "sede": 1}, r"^datasteer\.sede: unknown key \(did you mean 'seed'\?\)"),
+    ],
+)
+def test_staged_form_errors_name_the_key(block: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_steering(block)
 
 
 def test_load_steering_does_not_modify_its_input() -> None:

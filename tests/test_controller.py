@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 from collections import Counter
@@ -14,19 +15,21 @@ import numpy as np
 import pytest
 import torch
 
-from datasteer.config import SteeringConfig, doc, load_steering
+from datasteer.config import doc, load_steering
 from datasteer.controller import STATE_VERSION, Schedule, SteeringController, digest
+from datasteer.drivers import TrainedBatch
 from datasteer.errors import ConfigError, SteeringStateError
 from datasteer.mixers.base import MixContext, Mixer
 from datasteer.mixers.random import RandomMixer, RandomMixParams
+from datasteer.plan import build_plan
 from datasteer.registry import MIXERS, SELECTORS, WEIGHTERS
 from datasteer.rng import torch_generator
 from datasteer.runlog import RunLog, read_records
-from datasteer.samplers import SteeringSampler
+from datasteer.samplers import MixtureSampler, SteeringSampler
 from datasteer.selectors.base import SelectContext, Selector
 from datasteer.selectors.random import RandomSelector, RandomSelectParams
 from datasteer.weighters.base import WeightContext, Weighter
-from tests.factories import mix_context
+from tests.factories import mix_context, select_context
 
 NAMES = ("a", "b", "c")
 DOMAINS = np.array([0] * 10 + [1] * 6 + [2] * 8)  # 24 samples
@@ -99,8 +102,8 @@ def test_schedule_with_updates_past_the_end() -> None:
 
 
 def make(block: dict[str, Any], *, lag: int = 1, log: RunLog | None = None) -> SteeringController:
-    config: SteeringConfig = load_steering(block)
-    return SteeringController(config, domains=DOMAINS, domain_names=NAMES, global_batch=B, seed=SEED, lag=lag, log=log)
+    plan = build_plan(load_steering(block))
+    return SteeringController(plan, domains=DOMAINS, domain_names=NAMES, global_batch=B, seed=SEED, lag=lag, log=log)
 
 
 def step_batches(sampler: SteeringSampler, first_epoch: int = 0) -> Iterator[list[int]]:
@@ -143,6 +146,12 @@ def train(
         if on_step is not None:
             on_step(t)
     return events, trained
+
+
+def weigh(ctrl: SteeringController, step: int, losses: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The loss weights of a micro-batch (observed separately, as the Trainer mixin does)."""
+    idx = indices.numpy()
+    return ctrl.sample_weights(step, TrainedBatch(idx, DOMAINS[idx], losses))
 
 
 def without_seconds(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -294,6 +303,100 @@ def test_select_with_a_fraction_cycles_the_selection() -> None:
         assert sorted(stream[start : start + 6]) == sorted(chosen)
 
 
+# -- composition -------------------------------------------------------------------------------------
+
+COMPOSED = {
+    "mix": {"algorithm": "random", "warmup_steps": 2, "update_every": 3},
+    "select": {"algorithm": "random", "warmup_steps": 1, "update_every": 4},
+    "seed": 0,
+}
+MEMBERS = [np.flatnonzero(d == DOMAINS) for d in range(3)]
+
+
+def expected_selection_within_domains(update: int, quotas: dict[str, int]) -> dict[int, np.ndarray]:
+    """What random selection picks in each domain: its own draw over that domain's samples."""
+    chosen = {}
+    for d, name in enumerate(NAMES):
+        if quotas[name] == 0:
+            continue
+        ctx = select_context(num_samples=quotas[name], pool_size=len(MEMBERS[d]), update=update, names=NAMES, seed=SEED)
+        ctx = dataclasses.replace(ctx, generator=torch_generator(SEED, "select", update, d))
+        chosen[d] = MEMBERS[d][RandomSelector(RandomSelectParams()).select(ctx).numpy()]
+    return chosen
+
+
+def test_composed_mix_and_select_fill_each_domains_share_from_its_selection() -> None:
+    ctrl = make(COMPOSED)
+    events, trained = train(ctrl, 12)
+    # mix updates shape steps 3, 6, 9, 12 (decided a step ahead), selections steps 2, 6, 10; at
+    # step 4 the mix stage decides first, so the selection for step 6 sees the new proportions
+    assert [(e["step"], e["paradigm"]) for e in events] == [
+        (0, "mix"),  # warm-up proportions
+        (0, "select"),
+        (1, "mix"),
+        (4, "mix"),
+        (4, "select"),
+        (7, "mix"),
+        (8, "select"),
+        (10, "mix"),
+    ]
+    sampler = ctrl.sampler
+    assert isinstance(sampler, MixtureSampler)
+    for step, batch in trained.items():  # the mixture sets every step's domain counts
+        assert domain_counts(batch) == sampler.domain_counts(step).tolist()
+    for event in (e for e in events if e["paradigm"] == "select"):
+        first, last = event["first_step"], event["last_step"]
+        # each domain's quota is its share of the steps under the proportions known at the decision
+        assert sum(event["quotas"].values()) == event["selected"] == B * (last - first + 1)
+        assert event["domain_counts"] == {n: int(q) for n, q in event["quotas"].items()}
+        chosen = expected_selection_within_domains(event["update"], event["quotas"])
+        assert event["digest"] == digest(np.concatenate(list(chosen.values())))
+        for step in range(first, last + 1):
+            for i in trained[step]:  # every served sample comes from its domain's selection
+                assert i in chosen[int(DOMAINS[i])], (step, i)
+    # before the first selection (step 1), the domains are drawn whole
+    assert all(i in MEMBERS[int(DOMAINS[i])] for i in trained[1])
+
+
+def test_composed_mix_and_weight_weights_the_mixed_batches(test_algorithms: None) -> None:
+    ctrl = make(
+        {
+            "mix": {"algorithm": "static", "params": {"proportions": [0.5, 0.5, 0.0]}},
+            "weight": {"algorithm": "_test_double"},
+        }
+    )
+    assert ctrl.needs_sample_losses and ctrl.weights_samples
+    events = ctrl.begin(2)
+    assert [e["paradigm"] for e in events] == ["mix"]
+    batch = ctrl.observe(torch.tensor([0, 12]), torch.tensor([0.5, 2.0]))
+    assert torch.equal(ctrl.sample_weights(1, batch), torch.tensor([1.0, 4.0]))
+    (event,) = ctrl.step_end(1)
+    assert (event["paradigm"], event["weight_mean"]) == ("weight", 2.5)
+
+
+@pytest.mark.parametrize(
+    ("block", "message"),
+    [
+        (
+            {"mix": {"algorithm": "random"}, "select": {"algorithm": "tsds", "params": {"prepared": "x"}}},
+            "tsds draws from probabilities prepared over the whole pool",
+        ),
+        (
+            {"mix": {"algorithm": "random"}, "select": {"algorithm": "near", "params": {"prepared": "x"}}},
+            "prepared neighbour lists index the whole pool",
+        ),
+        (
+            {"mix": {"algorithm": "doremi", "params": {"reference_model": "ref"}}, "weight": {"algorithm": "uniform"}},
+            "doremi trains on its own domain-weighted loss",
+        ),
+    ],
+    ids=["tsds-under-mix", "near-prepared-under-mix", "doremi-and-weight"],
+)
+def test_combinations_that_cannot_be_honoured_are_refused(block: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_plan(block)
+
+
 # -- weighting ---------------------------------------------------------------------------------------
 
 
@@ -397,13 +500,13 @@ def test_weights_are_one_during_warmup_then_the_weighters(test_algorithms: None)
     losses = torch.tensor([0.5, 1.0])
     for step in (1, 2):
         ctrl.observe(torch.tensor([0, 10]))
-        assert torch.equal(ctrl.sample_weights(step, losses, torch.tensor([0, 10])), torch.ones(2))
+        assert torch.equal(weigh(ctrl, step, losses, torch.tensor([0, 10])), torch.ones(2))
         assert ctrl.step_end(step) == []
     # step 3, two micro-batches: weights 2 x loss
     ctrl.observe(torch.tensor([1, 2]))
-    w1 = ctrl.sample_weights(3, torch.tensor([0.5, 1.0]), torch.tensor([1, 2]))
+    w1 = weigh(ctrl, 3, torch.tensor([0.5, 1.0]), torch.tensor([1, 2]))
     ctrl.observe(torch.tensor([16, 23]))
-    w2 = ctrl.sample_weights(3, torch.tensor([2.0, 0.25]), torch.tensor([16, 23]))
+    w2 = weigh(ctrl, 3, torch.tensor([2.0, 0.25]), torch.tensor([16, 23]))
     assert torch.equal(w1, torch.tensor([1.0, 2.0])) and torch.equal(w2, torch.tensor([4.0, 0.5]))
     (event,) = ctrl.step_end(3)
     assert without_seconds([event]) == [
@@ -418,7 +521,7 @@ def test_weights_are_one_during_warmup_then_the_weighters(test_algorithms: None)
         }
     ]
     # the statistics restart with each step
-    ctrl.sample_weights(4, torch.tensor([3.0]), torch.tensor([5]))
+    weigh(ctrl, 4, torch.tensor([3.0]), torch.tensor([5]))
     (event,) = ctrl.step_end(4)
     assert (event["weight_mean"], event["weight_min"], event["weight_max"]) == (6.0, 6.0, 6.0)
 
@@ -426,7 +529,7 @@ def test_weights_are_one_during_warmup_then_the_weighters(test_algorithms: None)
 def test_uniform_weights() -> None:
     ctrl = make({"paradigm": "weight", "algorithm": "uniform"})
     ctrl.begin(3)
-    weights = ctrl.sample_weights(1, torch.tensor([0.1, 5.0, 2.0]), torch.tensor([0, 1, 2]))
+    weights = weigh(ctrl, 1, torch.tensor([0.1, 5.0, 2.0]), torch.tensor([0, 1, 2]))
     assert torch.equal(weights, torch.ones(3))
     (event,) = ctrl.step_end(1)
     assert (event["weight_mean"], event["weight_min"], event["weight_max"]) == (1.0, 1.0, 1.0)
@@ -435,7 +538,7 @@ def test_uniform_weights() -> None:
 def test_weighting_keeps_no_sampler_state() -> None:
     ctrl = make({"paradigm": "weight", "algorithm": "uniform"})
     state = ctrl.state_dict(3)
-    assert state["sampler"] is None and state["algorithm"] == "uniform"
+    assert state["sampler"] is None and state["stages"]["weight"]["algorithm"] == "uniform"
     other = make({"paradigm": "weight", "algorithm": "uniform"})
     other.load_state_dict(state)
     assert other.begin(5) == []  # a resumed run does not start over
@@ -467,7 +570,7 @@ def test_invalid_weights_are_rejected(test_algorithms: None, case: str) -> None:
     ctrl = make({"paradigm": "weight", "algorithm": "_test_bad", "params": {"case": case}})
     ctrl.begin(3)
     with pytest.raises(SteeringStateError, match="_test_bad returned invalid weights"):
-        ctrl.sample_weights(1, torch.tensor([0.5, 1.0]), torch.tensor([0, 1]))
+        weigh(ctrl, 1, torch.tensor([0.5, 1.0]), torch.tensor([0, 1]))
 
 
 def test_model_algorithm_without_model_ops(test_algorithms: None) -> None:
@@ -479,7 +582,7 @@ def test_model_algorithm_without_model_ops(test_algorithms: None) -> None:
 # -- state ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("block", [MIX_RANDOM, SELECT_RANDOM], ids=["mix", "select"])
+@pytest.mark.parametrize("block", [MIX_RANDOM, SELECT_RANDOM, COMPOSED], ids=["mix", "select", "mix+select"])
 @pytest.mark.parametrize("t", [1, 4, 5, 6, 8])
 def test_state_round_trip(tmp_path: Path, block: dict[str, Any], t: int) -> None:
     full_log = RunLog(tmp_path / "full.jsonl")
@@ -510,10 +613,10 @@ def test_state_of_another_algorithm_is_rejected() -> None:
     ctrl.begin(10)
     state = ctrl.state_dict(0)
     static = make({"paradigm": "mix", "algorithm": "static"})
-    with pytest.raises(SteeringStateError, match="steered by algorithm='random', this run uses 'static'"):
+    with pytest.raises(SteeringStateError, match="steered by mix/random, this run by mix/static"):
         static.load_state_dict(state)
     select = make(SELECT_RANDOM)
-    with pytest.raises(SteeringStateError, match="steered by paradigm='mix', this run uses 'select'"):
+    with pytest.raises(SteeringStateError, match="steered by mix/random, this run by select/random"):
         select.load_state_dict(state)
 
 
@@ -530,7 +633,7 @@ def test_state_of_another_seed_is_rejected() -> None:
     ctrl.begin(10)
     state = ctrl.state_dict(0)
     other = SteeringController(
-        load_steering(MIX_RANDOM), domains=DOMAINS, domain_names=NAMES, global_batch=B, seed=SEED + 1, lag=1
+        build_plan(MIX_RANDOM), domains=DOMAINS, domain_names=NAMES, global_batch=B, seed=SEED + 1, lag=1
     )
     with pytest.raises(SteeringStateError, match="seed="):
         other.load_state_dict(state)
@@ -590,9 +693,9 @@ def test_test_algorithms_do_not_leak() -> None:
 
 
 def test_a_mixer_rejects_an_empty_domain_before_training() -> None:
-    config = load_steering({"paradigm": "mix", "algorithm": "random"})
+    plan = build_plan({"paradigm": "mix", "algorithm": "random"})
     with pytest.raises(ConfigError, match=r"domains \['c'\] have no training samples"):
-        SteeringController(config, domains=np.array([0, 0, 1, 1]), domain_names=NAMES, global_batch=B, seed=SEED, lag=1)
+        SteeringController(plan, domains=np.array([0, 0, 1, 1]), domain_names=NAMES, global_batch=B, seed=SEED, lag=1)
 
 
 def test_a_step_without_weighted_batches_writes_no_weight_record(test_algorithms: None) -> None:

@@ -127,7 +127,11 @@ def example_blocks() -> dict[Path, Any]:
 
 
 def test_every_algorithm_has_an_example() -> None:
-    covered = {(block.get("paradigm"), block.get("algorithm")) for block in example_blocks().values()}
+    covered = {
+        (paradigm, stage.algorithm)
+        for block in example_blocks().values()
+        for paradigm, stage in load_steering(block).stages.items()
+    }
     missing = [spec_id(spec) for spec in SPECS if (spec.paradigm, spec.name) not in covered]
     assert not missing, f"no example under examples/ for: {', '.join(missing)}"
 
@@ -138,7 +142,8 @@ def test_example_parses(path: Path) -> None:
     if "datasteer" not in data:
         pytest.skip("not a run config (no datasteer: block)")
     config = load_steering(data["datasteer"])
-    assert isinstance(config.params, registry_for(config.paradigm).get(config.algorithm).params_cls)
+    for paradigm, stage in config.stages.items():
+        assert isinstance(stage.params, registry_for(paradigm).get(stage.algorithm).params_cls)
 
 
 # -- registration rules -----------------------------------------------------------------------

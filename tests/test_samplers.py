@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from datasteer.errors import SteeringStateError
-from datasteer.rng import numpy_generator
+from datasteer.rng import derive_seed
 from datasteer.samplers import MixtureSampler, SelectionSampler, SteeringSampler, systematic_counts
 
 # -- systematic_counts ------------------------------------------------------------------------
@@ -23,7 +23,7 @@ def test_systematic_counts_by_hand() -> None:
 
 
 def test_systematic_counts_sum_and_round() -> None:
-    gen = numpy_generator(0, "test-systematic")
+    gen = np.random.default_rng(derive_seed(0, "test-systematic"))
     for _ in range(200):
         k = int(gen.integers(1, 6))
         p = gen.dirichlet(np.ones(k))

@@ -7,15 +7,18 @@ an algorithm keeps across updates (moving averages, histories) goes through
 
 from __future__ import annotations
 
+from abc import ABC
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import torch
+
+from datasteer.ops.protocol import NO_MODEL, ModelOperations
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from datasteer.ops import ModelOps
+P = TypeVar("P")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,7 +33,8 @@ class UpdateContext:
         update: index of this update (0 for the first; -1 for a mixer's initial proportions).
         domain_names: names of the domain ids.
         generator: the only source of randomness, seeded from (seed, update).
-        ops: model operations bound to the live model (``None`` unless ``needs_model``).
+        ops: model operations bound to the live model; :data:`~datasteer.ops.protocol.NO_MODEL`
+            (every use an error) unless the algorithm sets ``needs_model``.
     """
 
     step: int
@@ -40,18 +44,22 @@ class UpdateContext:
     update: int
     domain_names: tuple[str, ...]
     generator: torch.Generator
-    ops: ModelOps | None = None
+    ops: ModelOperations = NO_MODEL
 
 
-class Algorithm:
-    """Base class of selectors, mixers and weighters."""
+class Algorithm(ABC, Generic[P]):
+    """Base class of selectors, mixers and weighters, generic in its params dataclass.
+
+    A subclass declares ``Params`` (the dataclass the registry parses its YAML ``params:``
+    into) and implements its paradigm's one abstract method.
+    """
 
     Params: ClassVar[type]
-    #: Whether the algorithm needs the live model (the controller then builds model ops).
+    #: Whether the algorithm needs the live model (its contexts then carry model operations).
     needs_model: ClassVar[bool] = False
 
-    def __init__(self, params: Any) -> None:
-        self.params = params
+    def __init__(self, params: P) -> None:
+        self.params: P = params
 
     def prepare_model(self, model: nn.Module) -> None:
         """Adjust the model once, before the optimizer is built (e.g. freeze parameters).

@@ -29,18 +29,17 @@ def _fail(message: str) -> int:
 def prepare_run(config_path: str, overrides: Sequence[str]) -> tuple[dict[str, Any], Any]:
     """Read a run YAML, apply overrides, validate the ``datasteer:`` block, resolve builtins.
 
-    Returns ``(framework_args, steering_config_or_None)``; raises ConfigError.
+    Returns ``(framework_args, steering_plan_or_None)``: the plan's algorithms are built
+    here, once; raises ConfigError.
     """
-    from datasteer.config import apply_overrides, load_steering, read_yaml
+    from datasteer.config import apply_overrides, read_yaml
+    from datasteer.plan import build_plan
 
     data = apply_overrides(read_yaml(config_path), overrides)
     block = data.pop("datasteer", None)
-    steering = load_steering(block) if block is not None else None
-    if steering is not None and steering.paradigm == "mix":
-        from datasteer.registry import MIXERS
-
-        names = [n.strip() for n in str(data.get("dataset") or "").split(",") if n.strip()]
-        MIXERS.build(steering.algorithm, steering.params).check_domains(names)
+    steering = build_plan(block) if block is not None else None
+    if steering is not None:
+        steering.check_domains([n.strip() for n in str(data.get("dataset") or "").split(",") if n.strip()])
     for key, value in list(data.items()):
         if isinstance(value, str) and value.startswith("builtin:"):
             from datasteer.assets import resolve_builtin
@@ -57,13 +56,11 @@ def cmd_train(ns: argparse.Namespace) -> int:
         args, steering = prepare_run(ns.config, ns.overrides)
         from datasteer.integrations import llamafactory
 
-        if steering is not None:
-            llamafactory.validate(args, steering)
-        else:
-            llamafactory.check_version()
+        parsed = llamafactory.validate(args, steering) if steering is not None else None
+        llamafactory.check_version()
     except ConfigError as err:
         return _fail(str(err))
-    llamafactory.run(args, steering)
+    llamafactory.run(args, steering, parsed)
     return 0
 
 

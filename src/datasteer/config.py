@@ -25,7 +25,8 @@ from datasteer.errors import ConfigError
 
 T = TypeVar("T")
 
-PARADIGMS = ("select", "mix", "weight")
+#: The paradigms, in the order their stages compose (each narrows what the next sees).
+PARADIGMS = ("mix", "select", "weight")
 
 
 def doc(text: str, **kwargs: Any) -> Any:
@@ -164,22 +165,16 @@ def field_help(cls: type) -> list[tuple[str, str, str, str]]:
 
 
 @dataclass
-class SteeringConfig:
-    """The ``datasteer:`` block of a run config."""
+class StageConfig:
+    """One paradigm's stage of a run: its algorithm, params and schedule."""
 
-    paradigm: Literal["select", "mix", "weight"] = doc("Which paradigm steers the run.")
     algorithm: str = doc("Registry name of the algorithm (see `datasteer list`).")
     params: Any = doc("The algorithm's own parameters (its params dataclass).", default=None)
-    warmup_steps: int = doc("Optimizer steps trained before the first update.", default=0)
+    warmup_steps: int = doc(
+        "Optimizer steps trained before the first update (weight: before weights apply).", default=0
+    )
     update_every: int = doc("Optimizer steps between updates (select and mix).", default=1)
     max_updates: int | None = doc("Stop updating after this many updates; the last stays in force.", default=None)
-    seed: int | None = doc("Seed of every steering draw; default: the training seed.", default=None)
-    lag: int | None = doc(
-        "Steps between deciding an update and the first step it shapes; default: what the data "
-        "loader's prefetching needs (1 without worker processes).",
-        default=None,
-    )
-    log_file: str = doc("Event log written in the output directory.", default="steering.jsonl")
 
     def __post_init__(self) -> None:
         if self.warmup_steps < 0:
@@ -188,31 +183,151 @@ class SteeringConfig:
             raise ConfigError(f"update_every: must be >= 1 (steps between updates), got {self.update_every}")
         if self.max_updates is not None and self.max_updates < 1:
             raise ConfigError(f"max_updates: must be >= 1 or null, got {self.max_updates}")
-        if self.lag is not None and self.lag < 1:
-            raise ConfigError(f"lag: must be >= 1 (a plan cannot shape a batch already drawn), got {self.lag}")
-        if self.paradigm == "weight" and (self.update_every != 1 or self.max_updates is not None):
-            raise ConfigError(
-                "update_every: weighting acts at every step; remove update_every/max_updates "
-                "(they apply to select and mix)"
-            )
+
+
+def _check_lag(lag: int | None) -> None:
+    if lag is not None and lag < 1:
+        raise ConfigError(f"lag: must be >= 1 (a plan cannot shape a batch already drawn), got {lag}")
+
+
+_SEED_HELP = "Seed of every steering draw; default: the training seed."
+_LAG_HELP = (
+    "Steps between deciding an update and the first step it shapes; default: what the data "
+    "loader's prefetching needs (1 without worker processes)."
+)
+_LOG_HELP = "Event log written in the output directory."
+
+
+@dataclass
+class _RunKeys:
+    """Keys of the staged ``datasteer:`` block shared by every stage."""
+
+    seed: int | None = doc(_SEED_HELP, default=None)
+    lag: int | None = doc(_LAG_HELP, default=None)
+    log_file: str = doc(_LOG_HELP, default="steering.jsonl")
+
+    def __post_init__(self) -> None:
+        _check_lag(self.lag)
+
+
+@dataclass
+class _SingleStage:
+    """The one-paradigm form of the block: ``paradigm:`` plus one stage's keys."""
+
+    paradigm: Literal["select", "mix", "weight"] = doc("Which paradigm steers the run.", default="mix")
+    algorithm: str = doc("Registry name of the algorithm (see `datasteer list`).", default="")
+    params: Any = doc("The algorithm's own parameters (its params dataclass).", default=None)
+    warmup_steps: int = doc("Optimizer steps trained before the first update.", default=0)
+    update_every: int = doc("Optimizer steps between updates (select and mix).", default=1)
+    max_updates: int | None = doc("Stop updating after this many updates; the last stays in force.", default=None)
+    seed: int | None = doc(_SEED_HELP, default=None)
+    lag: int | None = doc(_LAG_HELP, default=None)
+    log_file: str = doc(_LOG_HELP, default="steering.jsonl")
+
+    def __post_init__(self) -> None:
+        _check_lag(self.lag)
+
+
+#: Keys of the one-paradigm form, in the order error messages list them.
+SINGLE_KEYS = (
+    "paradigm",
+    "algorithm",
+    "params",
+    "warmup_steps",
+    "update_every",
+    "max_updates",
+    "seed",
+    "lag",
+    "log_file",
+)
+#: Keys of the staged form.
+STAGED_KEYS = (*PARADIGMS, "seed", "lag", "log_file")
+
+
+@dataclass
+class SteeringConfig:
+    """The parsed ``datasteer:`` block: one stage per paradigm used, plus run-wide keys.
+
+    ``stages`` is ordered mix, select, weight (the order in which the stages compose).
+    """
+
+    stages: dict[str, StageConfig]
+    seed: int | None = None
+    lag: int | None = None
+    log_file: str = "steering.jsonl"
+
+    @property
+    def paradigms(self) -> tuple[str, ...]:
+        """The paradigms of this run, in composition order."""
+        return tuple(self.stages)
+
+    def describe(self) -> str:
+        """``mix/odm + select/loss``: what the run steers with."""
+        return " + ".join(f"{p}/{s.algorithm}" for p, s in self.stages.items())
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise ConfigError("datasteer: give at least one of the stages mix:, select:, weight:")
+        self.stages = {p: self.stages[p] for p in PARADIGMS if p in self.stages}
+
+
+def _parse_stage(paradigm: str, raw: Mapping[str, Any], where: str) -> StageConfig:
+    from datasteer.registry import registry_for
+
+    data = dict(raw)
+    raw_params = data.pop("params", None)
+    if "algorithm" not in data:
+        raise ConfigError(f"{where}.algorithm: required key is missing")
+    stage = parse_dataclass(StageConfig, data, where)
+    if paradigm == "weight" and (stage.update_every != 1 or stage.max_updates is not None):
+        raise ConfigError(
+            f"{where}.update_every: weighting acts at every step; remove update_every/max_updates "
+            "(they apply to select and mix)"
+        )
+    spec = registry_for(paradigm).get(stage.algorithm, where=f"{where}.algorithm")
+    stage.params = parse_dataclass(spec.params_cls, raw_params, f"{where}.params")
+    return stage
 
 
 def load_steering(data: Any, where: str = "datasteer") -> SteeringConfig:
-    """Parse and validate a ``datasteer:`` block, including the algorithm's params.
+    """Parse and validate a ``datasteer:`` block, including each algorithm's params.
 
-    After this returns, ``config.params`` is an instance of the algorithm's params
-    dataclass.
+    Two forms: one paradigm (``paradigm:``, ``algorithm:``, ``params:`` and its schedule at
+    the top of the block), or stages (``mix:``, ``select:``, ``weight:`` sub-blocks, each
+    with ``algorithm``, ``params`` and its own schedule). After this returns, each stage's
+    ``params`` is an instance of its algorithm's params dataclass.
     """
-    from datasteer.registry import registry_for
-
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{where}: expected a mapping with at least 'paradigm' and 'algorithm', got {data!r}")
+        raise ConfigError(
+            f"{where}: expected a mapping with 'paradigm' and 'algorithm' (or mix:/select:/weight: "
+            f"stages), got {data!r}"
+        )
     raw = dict(data)
-    raw_params = raw.pop("params", None)
-    config = parse_dataclass(SteeringConfig, raw, where)
-    spec = registry_for(config.paradigm).get(config.algorithm, where=f"{where}.algorithm")
-    config.params = parse_dataclass(spec.params_cls, raw_params, f"{where}.params")
-    return config
+    staged = [p for p in PARADIGMS if p in raw]
+    if not staged:
+        raw_params = raw.pop("params", None)
+        single = parse_dataclass(_SingleStage, raw, where)
+        if "paradigm" not in raw:
+            raise ConfigError(f"{where}.paradigm: required key is missing (or give mix:, select:, weight: stages)")
+        if "algorithm" not in raw:
+            raise ConfigError(f"{where}.algorithm: required key is missing")
+        stage_raw = {k: raw[k] for k in ("algorithm", "warmup_steps", "update_every", "max_updates") if k in raw}
+        stage = _parse_stage(single.paradigm, {**stage_raw, "params": raw_params}, where)
+        return SteeringConfig({single.paradigm: stage}, single.seed, single.lag, single.log_file)
+    flat = [k for k in raw if k in SINGLE_KEYS and k not in STAGED_KEYS]
+    if flat:
+        raise ConfigError(
+            f"{where}.{flat[0]}: the staged form (mix:, select:, weight:) puts this key inside a stage; "
+            f"allowed at the top: {', '.join(STAGED_KEYS)}"
+        )
+    stages = {}
+    for paradigm in staged:
+        block = raw.pop(paradigm)
+        if not isinstance(block, Mapping):
+            raise ConfigError(f"{where}.{paradigm}: expected a mapping with 'algorithm' (and params, schedule)")
+        stages[paradigm] = _parse_stage(paradigm, block, f"{where}.{paradigm}")
+    run = parse_dataclass(_RunKeys, raw, where)
+    return SteeringConfig(stages, run.seed, run.lag, run.log_file)
 
 
 _EXPONENT_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")

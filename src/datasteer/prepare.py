@@ -32,10 +32,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from datasteer.config import SteeringConfig
 from datasteer.errors import ConfigError
 from datasteer.ops.embeddings import LocalEncoder, embed
 from datasteer.ops.prepared import embedding_settings, pool_fingerprint, row_token_ids, write_prepared
+from datasteer.plan import SteeringPlan
 from datasteer.selectors.near import NearParams
 from datasteer.selectors.tsds import TsdsParams, kernel_density, tsds_probabilities
 
@@ -217,7 +217,7 @@ def prepare_selection(
     return path
 
 
-def prepare(kind: str, args: dict[str, Any], steering: SteeringConfig | None) -> Path:
+def prepare(kind: str, args: dict[str, Any], steering: SteeringPlan | None) -> Path:
     """``datasteer prepare KIND CONFIG``: load the run as ``datasteer train`` does, then prepare.
 
     Raises:
@@ -225,9 +225,10 @@ def prepare(kind: str, args: dict[str, Any], steering: SteeringConfig | None) ->
     """
     if kind not in KINDS:
         raise ConfigError(f"prepare: unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
-    if steering is None or steering.paradigm != "select" or steering.algorithm != kind:
+    stage = steering.config.stages.get("select") if steering is not None else None
+    if steering is None or stage is None or stage.algorithm != kind:
         raise ConfigError(f"datasteer: `datasteer prepare {kind}` needs paradigm: select and algorithm: {kind}")
-    params = steering.params
+    params = stage.params
     if not params.prepared:
         raise ConfigError(f"datasteer.params.prepared: set the directory `datasteer prepare {kind}` writes to")
     from datasteer.integrations import llamafactory

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 
-import numpy as np
 import torch
 
 
@@ -26,8 +25,3 @@ def torch_generator(seed: int, *keys: object) -> torch.Generator:
     gen = torch.Generator()
     gen.manual_seed(derive_seed(seed, *keys))
     return gen
-
-
-def numpy_generator(seed: int, *keys: object) -> np.random.Generator:
-    """A numpy ``Generator`` (PCG64) seeded from ``(seed, *keys)``."""
-    return np.random.default_rng(derive_seed(seed, *keys))

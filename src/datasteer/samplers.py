@@ -195,6 +195,10 @@ class SelectionSampler(SteeringSampler):
                 raise ValueError(f"selected indices must lie in [0, {self.pool_size})")
         super().add_plan(first_step, plan)
 
+    def add_selection(self, first_step: int, indices: np.ndarray) -> None:
+        """Serve the selected pool indices from ``first_step`` on."""
+        self.add_plan(first_step, indices)
+
 
 def systematic_counts(proportions: np.ndarray, total: int, u: float) -> np.ndarray:
     """Integer counts summing to ``total`` with ``E[count_d] = total * p_d`` exactly.
@@ -212,7 +216,12 @@ def systematic_counts(proportions: np.ndarray, total: int, u: float) -> np.ndarr
 class MixtureSampler(SteeringSampler):
     """Serves each step's batch as a mixture of domains in the proportions in force.
 
-    A plan is a 1-D array of K proportions.
+    A plan is a 1-D array of K proportions. With a selector composed under the mixer, a
+    second track of plans holds selections (:meth:`add_selection`): a domain's share of a
+    step is then drawn from that domain's selected samples (in a seeded order, reshuffled
+    each time they are used up), or from the whole domain when the selection in force has
+    none of it (e.g. before the first selection). The per-domain positions restart when a
+    new selection comes into force.
     """
 
     def __init__(
@@ -226,10 +235,14 @@ class MixtureSampler(SteeringSampler):
         domains = np.asarray(domains, dtype=np.int64)
         super().__init__(len(domains), global_batch, seed, steps_per_epoch)
         self.num_domains = num_domains
+        self.domain_of = domains
         self.members = [np.flatnonzero(domains == d) for d in range(num_domains)]
+        self._selections: list[tuple[int, np.ndarray | None]] = [(1, None)]
         self._cursor = np.zeros(num_domains, dtype=np.int64)  # draws made from each domain
         self._cursor_step = 1
-        self._snapshots: OrderedDict[int, np.ndarray] = OrderedDict({1: self._cursor.copy()})
+        self._cursor_selection = 1  # first step of the selection the positions count in
+        self._snapshots: OrderedDict[int, tuple[np.ndarray, int]] = OrderedDict({1: (self._cursor.copy(), 1)})
+        self._selected: tuple[int, list[np.ndarray]] | None = None  # cache: (first step, members)
 
     def add_plan(self, first_step: int, plan: Any) -> None:
         p = np.asarray(plan, dtype=np.float64)
@@ -239,6 +252,36 @@ class MixtureSampler(SteeringSampler):
         if empty:
             raise ValueError(f"domains {empty} have no samples but positive proportions")
         super().add_plan(first_step, p)
+
+    def add_selection(self, first_step: int, indices: np.ndarray) -> None:
+        """Draw each domain's share from the selected pool indices from ``first_step`` on."""
+        chosen = np.asarray(indices, dtype=np.int64)
+        if chosen.ndim != 1 or chosen.size == 0:
+            raise ValueError("a selection must be a non-empty 1-D array of pool indices")
+        if chosen.min() < 0 or chosen.max() >= self.pool_size:
+            raise ValueError(f"selected indices must lie in [0, {self.pool_size})")
+        if first_step <= self.max_drawn_step:
+            raise SteeringStateError(
+                f"a selection for step {first_step} arrived after the data loader drew step "
+                f"{self.max_drawn_step}; raise datasteer.lag (data loader workers prefetch batches ahead)"
+            )
+        self._selections = [(s, c) for s, c in self._selections if s < first_step]
+        self._selections.append((first_step, chosen))
+
+    def _selection_at(self, step: int) -> tuple[int, np.ndarray | None]:
+        current = self._selections[0]
+        for first, chosen in self._selections:
+            if first <= step:
+                current = (first, chosen)
+        return current
+
+    def _domain_members(self, first: int, chosen: np.ndarray | None) -> list[np.ndarray]:
+        if chosen is None:
+            return self.members
+        if self._selected is None or self._selected[0] != first:
+            ids = self.domain_of[chosen]
+            self._selected = (first, [chosen[ids == d] for d in range(self.num_domains)])
+        return self._selected[1]
 
     def domain_counts(self, step: int) -> np.ndarray:
         """How many samples of each domain step ``step`` serves (a pure function of the plan)."""
@@ -250,18 +293,29 @@ class MixtureSampler(SteeringSampler):
         if step != self._cursor_step:
             if step not in self._snapshots:
                 raise SteeringStateError(f"the mixture stream is at step {self._cursor_step}, asked for {step}")
-            self._cursor = self._snapshots[step].copy()
+            cursor, selection = self._snapshots[step]
+            self._cursor, self._cursor_selection = cursor.copy(), selection
             self._cursor_step = step
+        sel_first, chosen = self._selection_at(step)
+        if sel_first != self._cursor_selection:
+            self._cursor[:] = 0
+            self._cursor_selection = sel_first
+        selected = self._domain_members(sel_first, chosen)
         counts = self.domain_counts(step)
         parts = []
         for d in np.flatnonzero(counts):
             positions = self._cursor[d] + np.arange(counts[d], dtype=np.int64)
-            members = self.members[d]
-            parts.append(members[self._perms.lookup(("domain", int(d)), len(members), positions)])
+            members = selected[d]
+            key: tuple[Any, ...] = ("domain", int(d))
+            if chosen is not None and len(members):
+                key = ("selected", sel_first, int(d))
+            elif chosen is not None:  # nothing of d selected: the whole domain, in a fresh order
+                members, key = self.members[d], ("domain", int(d), sel_first)
+            parts.append(members[self._perms.lookup(key, len(members), positions)])
             self._cursor[d] += counts[d]
         order = torch.randperm(self.global_batch, generator=torch_generator(self.seed, "mix-order", step)).numpy()
         self._cursor_step = step + 1
-        self._snapshots[step + 1] = self._cursor.copy()
+        self._snapshots[step + 1] = (self._cursor.copy(), self._cursor_selection)
         while len(self._snapshots) > _SNAPSHOTS:
             self._snapshots.popitem(last=False)
         result: np.ndarray = np.concatenate(parts)[order]
@@ -271,11 +325,19 @@ class MixtureSampler(SteeringSampler):
         state = super().state_dict(step)
         if step + 1 not in self._snapshots:
             raise SteeringStateError(f"no mixture stream position recorded for step {step + 1}")
-        state["cursor"] = torch.from_numpy(self._snapshots[step + 1].copy())
+        cursor, selection = self._snapshots[step + 1]
+        state["cursor"] = torch.from_numpy(cursor.copy())
+        first, chosen = self._selection_at(step + 1)
+        kept = [(first, chosen), *((s, c) for s, c in self._selections if s > first)]
+        state["selections"] = [(s, _to_tensor(c)) for s, c in kept]
+        state["cursor_selection"] = selection
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self._cursor = np.asarray(state["cursor"].numpy(), dtype=np.int64).copy()
         self._cursor_step = int(state["step"]) + 1
-        self._snapshots = OrderedDict({self._cursor_step: self._cursor.copy()})
+        self._selections = [(int(s), _from_tensor(c)) for s, c in state.get("selections", [(1, None)])]
+        self._cursor_selection = int(state.get("cursor_selection", self._selections[0][0]))
+        self._selected = None
+        self._snapshots = OrderedDict({self._cursor_step: (self._cursor.copy(), self._cursor_selection)})

@@ -288,17 +288,16 @@ class _ObservingParams:
 
 @pytest.fixture
 def observing_mixer():
-    from datasteer.mixers.base import DomainStats, MixContext, Mixer
+    from datasteer.mixers.base import DomainStats, MixContext, Mixer, ObservesSteps
     from datasteer.registry import MIXERS
 
     seen: list[DomainStats] = []
 
     @MIXERS.register("_test_observing")
-    class ObservingMixer(Mixer):
+    class ObservingMixer(Mixer, ObservesSteps):
         """Test mixer: fixed proportions, records every step's statistics."""
 
         Params = _ObservingParams
-        observes = True
 
         def observe(self, stats: DomainStats) -> None:
             seen.append(stats)

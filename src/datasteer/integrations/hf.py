@@ -32,14 +32,13 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from datasteer.config import SteeringConfig, load_steering
+from datasteer.config import SteeringConfig
 from datasteer.controller import SteeringController
 from datasteer.errors import ConfigError, SteeringStateError
-from datasteer.mixers.base import Mixer
-from datasteer.ops import INDEX_KEY, ModelOps, per_sample_loss, per_token_loss
+from datasteer.ops import INDEX_KEY, ModelOps, per_token_loss
 from datasteer.ops.losses import token_mean
 from datasteer.ops.reference import excess_loss, load_reference_model
-from datasteer.registry import registry_for
+from datasteer.plan import SteeringPlan, build_plan
 from datasteer.runlog import RunLog
 
 logger = logging.getLogger(__name__)
@@ -125,11 +124,39 @@ def auto_lag(num_workers: int, prefetch_factor: int | None, grad_accum: int) -> 
     return max(1, math.ceil(ahead / grad_accum))
 
 
+#: The ``transformers`` releases whose loss normalisation :func:`trainer_divides_loss` mirrors
+#: (``Trainer.training_step``); ``pyproject.toml`` bounds the dependency to the same range.
+TESTED_TRANSFORMERS = ((5, 0), (5, 7))
+
+
+def trainer_divides_loss(trainer: Any, num_items_in_batch: Any) -> bool:
+    """Whether ``Trainer.training_step`` divides ``compute_loss``'s result by the number of
+    accumulation micro-batches (otherwise the loss must come back already divided).
+
+    This mirrors the rule of ``transformers`` 5.0-5.6's ``training_step``: it divides unless
+    the model accepts loss kwargs and ``num_items_in_batch`` is known, or a
+    ``compute_loss_func`` is set. Another release is refused: the rule may have changed.
+    """
+    import transformers
+
+    version = tuple(int(v) for v in transformers.__version__.split(".")[:2])
+    low, high = TESTED_TRANSFORMERS
+    if not low <= version < high:
+        raise SteeringStateError(
+            f"transformers {transformers.__version__}: datasteer's weighted loss is tested with "
+            f"{low[0]}.{low[1]} <= transformers < {high[0]}.{high[1]}"
+        )
+    return bool(
+        (not trainer.model_accepts_loss_kwargs or num_items_in_batch is None) and trainer.compute_loss_func is None
+    )
+
+
 class SteeringMixin:
     """Adds data steering to a ``transformers.Trainer`` subclass (put it first in the bases).
 
     Args (keyword, besides the Trainer's own):
-        steering: the ``datasteer:`` block (a mapping or a parsed :class:`SteeringConfig`);
+        steering: the ``datasteer:`` block (a mapping, a parsed :class:`SteeringConfig`, or a
+            built :class:`SteeringPlan`, whose algorithms are then used as they are);
             ``None`` leaves the Trainer unchanged.
         domains: one domain label per training row (default: the ``domain`` column).
         domain_names: the domain names, in proportion order (default: order of appearance).
@@ -140,7 +167,7 @@ class SteeringMixin:
     def __init__(
         self,
         *args: Any,
-        steering: SteeringConfig | Mapping[str, Any] | None = None,
+        steering: SteeringPlan | SteeringConfig | Mapping[str, Any] | None = None,
         domains: Sequence[Any] | np.ndarray | None = None,
         domain_names: Sequence[str] | None = None,
         **kwargs: Any,
@@ -150,6 +177,7 @@ class SteeringMixin:
         raw = kwargs.get("train_dataset")
         if steering is not None and raw is not None and hasattr(raw, "__len__"):
             resolved = resolve_domains(raw, domains, domain_names)
+        plan = None if steering is None else steering if isinstance(steering, SteeringPlan) else build_plan(steering)
         super().__init__(*args, **kwargs)
         self.steering = None
         self._steering_resume: str | None = None
@@ -158,11 +186,9 @@ class SteeringMixin:
         # evaluation loaders once: asking for a loader at every update would make accelerate
         # prepare (and keep) one more each time.
         self._steering_targets: list[tuple[str | None, Any, Any]] | None = None
-        self.steering_config: SteeringConfig | None = None
-        if steering is None:
+        self.steering_plan = plan
+        if plan is None:
             return
-        config = steering if isinstance(steering, SteeringConfig) else load_steering(steering)
-        self.steering_config = config
         trainer: Any = self
         args_ = trainer.args
         dataset = trainer.train_dataset
@@ -183,12 +209,29 @@ class SteeringMixin:
             )
         if args_.ignore_data_skip:
             raise ConfigError("ignore_data_skip: datasteer resumes exactly; set ignore_data_skip: false")
-        self._steering_domains, self._steering_domain_names = resolved
-        algorithm = registry_for(config.paradigm).build(config.algorithm, config.params)
-        if isinstance(algorithm, Mixer):  # e.g. proportions of the wrong length: fail now, not at train()
-            algorithm.check_domains(self._steering_domain_names)
-        algorithm.prepare_model(trainer.model)
-        reference = algorithm.reference_model() if isinstance(algorithm, Mixer) else None
+        config = plan.config
+        global_batch = trainer._train_batch_size * args_.gradient_accumulation_steps * args_.world_size
+        lag = config.lag or auto_lag(
+            args_.dataloader_num_workers, args_.dataloader_prefetch_factor, args_.gradient_accumulation_steps
+        )
+        log = RunLog(Path(args_.output_dir) / config.log_file, enabled=trainer.is_world_process_zero())
+        # Domain-dependent params are checked here (e.g. proportions of the wrong length), not at train().
+        self.steering = SteeringController(
+            plan,
+            domains=resolved[0],
+            domain_names=resolved[1],
+            global_batch=global_batch,
+            seed=config.seed if config.seed is not None else args_.seed,
+            lag=lag,
+            log=log,
+        )
+        if self.steering.weights_samples and trainer.compute_loss_func is not None:
+            raise ConfigError(
+                f"compute_loss_func: {config.describe()} weights each sample's loss and needs per-sample "
+                "losses; a custom loss function cannot provide them (remove it or the weighting stage)"
+            )
+        plan.prepare_model(trainer.model)
+        reference = plan.reference_model()
         self._steering_reference = load_reference_model(reference, trainer.model) if reference else None
         if hasattr(dataset, "column_names") and hasattr(dataset, "add_column"):
             if DOMAIN_COLUMN in dataset.column_names:
@@ -200,7 +243,6 @@ class SteeringMixin:
         trainer._set_signature_columns_if_needed()
         if INDEX_KEY not in trainer._signature_columns:
             trainer._signature_columns.append(INDEX_KEY)
-        self._steering_seed = config.seed if config.seed is not None else args_.seed
         trainer.add_callback(SteeringCallback(self))
 
     # -- overrides --------------------------------------------------------------------------
@@ -216,27 +258,10 @@ class SteeringMixin:
         return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
-        trainer: Any = self
         base = super()._get_train_sampler(train_dataset)  # type: ignore[misc]
-        config = self.steering_config
-        if config is None:
+        if self.steering is None or self.steering.sampler is None:
             return base
-        args_ = trainer.args
-        global_batch = trainer._train_batch_size * args_.gradient_accumulation_steps * args_.world_size
-        lag = config.lag or auto_lag(
-            args_.dataloader_num_workers, args_.dataloader_prefetch_factor, args_.gradient_accumulation_steps
-        )
-        log = RunLog(Path(args_.output_dir) / config.log_file, enabled=trainer.is_world_process_zero())
-        self.steering = SteeringController(
-            config,
-            domains=self._steering_domains,
-            domain_names=self._steering_domain_names,
-            global_batch=global_batch,
-            seed=self._steering_seed,
-            lag=lag,
-            log=log,
-        )
-        return self.steering.sampler if self.steering.sampler is not None else base
+        return self.steering.sampler
 
     def compute_loss(
         self,
@@ -253,34 +278,30 @@ class SteeringMixin:
         if not ctl.needs_sample_losses:
             ctl.observe(indices)
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # type: ignore[misc]
-        if not ctl.weights_samples:
-            # A mixer learns from the batch's per-sample losses; the training loss stays the
-            # Trainer's own, and the losses come from the same forward pass's logits.
-            labels = inputs.get("labels")
-            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)  # type: ignore[misc]
-            logits = getattr(outputs, "logits", None)
-            if labels is None or logits is None:
-                raise SteeringStateError(
-                    f"{ctl.config.algorithm} needs per-sample losses: the batch must have labels and the "
-                    "model must return logits (fused-loss kernels that drop them are not supported)"
-                )
-            losses, counts = per_sample_loss(logits.detach(), labels)
-            ctl.observe(indices, losses, counts)
-            return (loss, outputs) if return_outputs else loss
-        labels = inputs.pop("labels")
-        outputs = model(**inputs)
-        token_losses, mask = per_token_loss(outputs.logits, labels)
+        labels = inputs.get("labels")
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        # The Trainer's own forward and loss (its label smoothing, loss kwargs, subclass logic).
+        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)  # type: ignore[misc]
+        logits = getattr(outputs, "logits", None)
+        if labels is None or logits is None:
+            raise SteeringStateError(
+                f"{ctl.plan.config.describe()} needs per-sample losses: the batch must have labels and the "
+                "model must return logits (fused-loss kernels that drop them are not supported)"
+            )
+        weighting = ctl.weights_samples
+        smoothing = float(trainer.args.label_smoothing_factor) if trainer.label_smoother is not None else 0.0
+        token_losses, mask = per_token_loss(logits if weighting else logits.detach(), labels, smoothing)
         losses, counts = token_mean(token_losses, mask)
         reference = self._steering_reference
-        excess = excess_loss(reference, inputs, labels, token_losses) if reference is not None else None
-        ctl.observe(indices, losses, counts, excess)
-        weights = ctl.sample_weights(trainer.state.global_step + 1, losses, indices)
-        loss = (weights * losses).sum() / losses.numel()
-        trainer_divides = (
-            not trainer.model_accepts_loss_kwargs or num_items_in_batch is None
-        ) and trainer.compute_loss_func is None
-        if not trainer_divides:
-            loss = loss / trainer.current_gradient_accumulation_steps
+        excess = (
+            excess_loss(reference, model_inputs, labels, token_losses, smoothing) if reference is not None else None
+        )
+        batch = ctl.observe(indices, losses.detach(), counts, excess)
+        if weighting:
+            weights = ctl.sample_weights(trainer.state.global_step + 1, batch)
+            loss = (weights * losses).sum() / losses.numel()
+            if not trainer_divides_loss(trainer, num_items_in_batch):
+                loss = loss / trainer.current_gradient_accumulation_steps
         return (loss, outputs) if return_outputs else loss
 
     # -- used by the callback ---------------------------------------------------------------

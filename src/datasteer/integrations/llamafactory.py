@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from datasteer.config import SteeringConfig
 from datasteer.errors import ConfigError
 from datasteer.integrations.hf import SteeringMixin
+from datasteer.plan import SteeringPlan
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +56,11 @@ def check_version() -> str:
     return version
 
 
-def validate(args: dict[str, Any], steering: SteeringConfig) -> Any:
+def validate(args: dict[str, Any], steering: SteeringPlan) -> Any:
     """Parse the LLaMA-Factory keys with its own parser and check they suit steering.
 
-    Runs before any model or data is loaded. Returns LLaMA-Factory's parsed argument tuple.
+    Runs before any model or data is loaded. Returns LLaMA-Factory's parsed argument tuple
+    (which :func:`run` hands to the workflow: the arguments are parsed once).
     """
     check_version()
     from llamafactory.hparams import get_train_args
@@ -80,16 +81,15 @@ def validate(args: dict[str, Any], steering: SteeringConfig) -> Any:
         raise ConfigError("mix_strategy: datasteer mixes the datasets itself; use mix_strategy: concat")
     if data_args.tokenized_path is not None:
         raise ConfigError("tokenized_path: not supported with steering (datasets are loaded per domain)")
-    if steering.paradigm == "weight" and (
+    if "weight" in steering.paradigms and (
         finetuning_args.use_dft_loss or finetuning_args.use_eaft_loss or finetuning_args.use_asft_loss
     ):
-        raise ConfigError("use_dft_loss/use_eaft_loss/use_asft_loss: cannot be combined with a weight paradigm")
-    from datasteer.mixers.base import Mixer
-    from datasteer.registry import registry_for
-
-    algorithm = registry_for(steering.paradigm).build(steering.algorithm, steering.params)
-    if isinstance(algorithm, Mixer):
-        algorithm.check_domains(list(data_args.dataset))
+        raise ConfigError("use_dft_loss/use_eaft_loss/use_asft_loss: cannot be combined with a weight stage")
+    if "weight" in steering.paradigms and model_args.enable_liger_kernel:
+        raise ConfigError(
+            "enable_liger_kernel: its fused loss returns no logits, and a weight stage needs per-sample losses"
+        )
+    steering.check_domains(list(data_args.dataset))
     return model_args, data_args, training_args, finetuning_args, generating_args
 
 
@@ -137,7 +137,7 @@ def _per_domain_loader(original: Any, domains: _Domains) -> Any:
     return get_dataset
 
 
-def _steered_trainer(base: type, steering: SteeringConfig, domains: _Domains) -> type:
+def _steered_trainer(base: type, steering: SteeringPlan, domains: _Domains) -> type:
     """``SteeringMixin`` + LLaMA-Factory's trainer, bound to this run's steering and domains."""
 
     class SteeredTrainer(SteeringMixin, base):
@@ -149,13 +149,17 @@ def _steered_trainer(base: type, steering: SteeringConfig, domains: _Domains) ->
 
 
 @contextlib.contextmanager
-def steered_workflow(steering: SteeringConfig) -> Iterator[None]:
+def steered_workflow(steering: SteeringPlan, parsed: Any = None) -> Iterator[None]:
     """Within this block, LLaMA-Factory's pt and sft workflows train with steering.
 
     This is the single patch of LLaMA-Factory: it swaps the ``get_dataset`` and trainer
-    names that ``llamafactory.train.{pt,sft}.workflow`` look up, and restores them on exit.
+    names that ``llamafactory.train.{pt,sft}.workflow`` look up, and, when ``parsed`` (the
+    tuple :func:`validate` returned) is given, the ``get_train_args`` that
+    ``llamafactory.train.tuner`` calls, so that the arguments are parsed once. Everything
+    is restored on exit.
     """
     check_version()
+    from llamafactory.train import tuner
     from llamafactory.train.pt import workflow as pt_workflow
     from llamafactory.train.sft import workflow as sft_workflow
 
@@ -166,6 +170,8 @@ def steered_workflow(steering: SteeringConfig) -> Iterator[None]:
         (pt_workflow, "CustomTrainer", _steered_trainer(pt_workflow.CustomTrainer, steering, domains)),
         (sft_workflow, "CustomSeq2SeqTrainer", _steered_trainer(sft_workflow.CustomSeq2SeqTrainer, steering, domains)),
     ]
+    if parsed is not None:
+        swaps.append((tuner, "get_train_args", lambda args=None: parsed))
     saved = [(module, name, getattr(module, name)) for module, name, _ in swaps]
     try:
         for module, name, value in swaps:
@@ -176,14 +182,19 @@ def steered_workflow(steering: SteeringConfig) -> Iterator[None]:
             setattr(module, name, value)
 
 
-def run(args: dict[str, Any], steering: SteeringConfig | None) -> None:
-    """Run LLaMA-Factory's training with ``args`` (its own keys) and optional steering."""
+def run(args: dict[str, Any], steering: SteeringPlan | None, parsed: Any = None) -> None:
+    """Run LLaMA-Factory's training with ``args`` (its own keys) and optional steering.
+
+    ``parsed``: what :func:`validate` returned for these ``args`` (then they are not parsed
+    again); without it, they are validated here.
+    """
     check_version()
     from llamafactory.train.tuner import run_exp
 
     if steering is None:
         run_exp(args=dict(args))
         return
-    validate(args, steering)
-    with steered_workflow(steering):
+    if parsed is None:
+        parsed = validate(args, steering)
+    with steered_workflow(steering, parsed):
         run_exp(args=dict(args))

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-from abc import abstractmethod
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -65,7 +65,7 @@ class DomainStats:
         token_loss_sum: sum of the token losses of each domain, ``(K,)``.
         excess_sum: sum over each domain's tokens of ``max(loss - reference loss, 0)``,
             ``(K,)``; ``None`` unless the mixer has a reference model (see
-            :meth:`Mixer.reference_model`).
+            :class:`ComparesToReference`).
     """
 
     step: int
@@ -81,39 +81,23 @@ class DomainStats:
         return torch.where(self.samples > 0, self.loss_sum / self.samples.clamp_min(1), torch.nan)
 
 
-class Mixer(Algorithm):
-    """Sets the proportions of each domain in the batches until the next update."""
+class Mixer(Algorithm[Any]):
+    """Sets the proportions of each domain in the batches until the next update.
 
-    #: False for mixers whose proportions never change: the controller then skips updates.
+    One method to implement, :meth:`update`. Optional needs are capabilities a mixer also
+    inherits (the mix driver asks for them): :class:`ObservesSteps` (learn from each
+    trained step's per-domain losses), :class:`ComparesToReference` (a reference model's
+    losses on the training batches) and :class:`ShapesDomainLoss` (weight the training loss
+    per domain, and hand the learned proportions to a later run).
+    """
+
+    #: False for mixers whose proportions never change: the driver then skips updates.
     adaptive: ClassVar[bool] = True
-    #: True for mixers that learn from the training batches' losses (see :meth:`observe`).
-    observes: ClassVar[bool] = False
-    #: True for mixers that weight the training loss per domain (see :meth:`loss_weights`).
-    weights_loss: ClassVar[bool] = False
-
-    def observe(self, stats: DomainStats) -> None:
-        """Called after every optimizer step with that step's per-domain statistics."""
-
-    def reference_model(self) -> str | None:
-        """Path of a frozen reference model whose per-token losses on every training batch the
-        mixer needs (they arrive as :attr:`DomainStats.excess_sum`); ``None``: no reference."""
-        return None
-
-    def loss_weights(self) -> torch.Tensor | None:
-        """Per-domain weights ``alpha`` of the training objective ``sum_d alpha_d * L_d``, where
-        ``L_d`` is the mean per-sample loss of the step's domain-d samples; ``None`` (the
-        default) leaves the training loss unweighted."""
-        return None
 
     def report(self) -> dict[str, torch.Tensor | float]:
         """Statistics behind the latest proportions, added to each update's record; ``(K,)``
         tensors are written per domain."""
         return {}
-
-    def learned_proportions(self) -> torch.Tensor | None:
-        """Proportions learned over the run, for a later ``static`` run (written to
-        ``domain_weights.json`` at the end of training); ``None`` for most mixers."""
-        return None
 
     def check_domains(self, domain_names: Sequence[str]) -> None:
         """Validate params that depend on the domains (e.g. their number); ConfigError if not."""
@@ -126,3 +110,35 @@ class Mixer(Algorithm):
     @abstractmethod
     def update(self, ctx: MixContext) -> torch.Tensor:
         """Return the new proportions, shape ``(K,)``, non-negative, summing to 1."""
+
+
+class ObservesSteps(ABC):
+    """Capability: learns from the training steps' per-domain statistics (ODM, DoReMi)."""
+
+    @abstractmethod
+    def observe(self, stats: DomainStats) -> None:
+        """Called after every optimizer step with that step's per-domain statistics."""
+
+
+class ComparesToReference(ABC):
+    """Capability: needs a frozen reference model's per-token losses on every training batch
+    (they arrive as :attr:`DomainStats.excess_sum`)."""
+
+    @abstractmethod
+    def reference_model(self) -> str:
+        """Directory of the reference model."""
+
+
+class ShapesDomainLoss(ABC):
+    """Capability: trains on ``sum_d alpha_d * L_d`` instead of the plain loss (DoReMi's proxy),
+    and learns proportions for a later ``static`` run."""
+
+    @abstractmethod
+    def loss_weights(self) -> torch.Tensor:
+        """Per-domain weights ``alpha`` (K,) of the objective ``sum_d alpha_d * L_d``, where
+        ``L_d`` is the mean per-sample loss of the step's domain-d samples."""
+
+    @abstractmethod
+    def learned_proportions(self) -> torch.Tensor | None:
+        """Proportions learned over the run (written to ``domain_weights.json`` at the end of
+        training); ``None`` before any step was observed."""

@@ -10,7 +10,15 @@ import torch
 
 from datasteer.config import doc
 from datasteer.errors import ConfigError
-from datasteer.mixers.base import DomainStats, MixContext, Mixer, check_proportions
+from datasteer.mixers.base import (
+    ComparesToReference,
+    DomainStats,
+    MixContext,
+    Mixer,
+    ObservesSteps,
+    ShapesDomainLoss,
+    check_proportions,
+)
 from datasteer.registry import MIXERS
 
 
@@ -41,7 +49,7 @@ class DoReMiParams:
 
 
 @MIXERS.register("doremi")
-class DoReMiMixer(Mixer):
+class DoReMiMixer(Mixer, ObservesSteps, ComparesToReference, ShapesDomainLoss):
     """DoReMi (Xie et al., 2023; arXiv 2305.10429): Group DRO domain weights from excess loss over a reference model.
 
     Step 2 of the DoReMi workflow (step 1 trains the reference model with a ``static`` run,
@@ -67,8 +75,6 @@ class DoReMiMixer(Mixer):
     """
 
     Params = DoReMiParams
-    observes = True
-    weights_loss = True
 
     def __init__(self, params: DoReMiParams) -> None:
         super().__init__(params)
@@ -117,7 +123,7 @@ class DoReMiMixer(Mixer):
         self.excess = excess
         self.steps_observed += 1
 
-    def loss_weights(self) -> torch.Tensor | None:
+    def loss_weights(self) -> torch.Tensor:
         if self.alpha is None:
             raise ConfigError("doremi: loss weights asked for before the run began")
         return self.alpha.clone()

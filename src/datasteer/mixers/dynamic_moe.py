@@ -18,7 +18,7 @@ from datasteer.registry import MIXERS
 if TYPE_CHECKING:
     from torch import nn
 
-    from datasteer.ops import ModelOps
+    from datasteer.ops.protocol import ModelOperations
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class DynamicMoEMixer(Mixer):
             freeze_routers(model, p.router_names)
 
     # -- held-out samples ------------------------------------------------------------------
-    def _eval_sets(self, ops: ModelOps, names: tuple[str, ...]) -> list[ModelOps] | None:
+    def _eval_sets(self, ops: ModelOperations, names: tuple[str, ...]) -> list[ModelOperations] | None:
         """The eval set of each domain, in domain order; None unless every domain has one."""
         by_name = {t.name: t for t in ops.targets if t.name is not None}
         found = [by_name.get(n, by_name.get(f"{n}{EVAL_SUFFIX}")) for n in names]

@@ -10,7 +10,7 @@ import torch
 
 from datasteer.config import doc
 from datasteer.errors import ConfigError
-from datasteer.mixers.base import DomainStats, MixContext, Mixer
+from datasteer.mixers.base import DomainStats, MixContext, Mixer, ObservesSteps
 from datasteer.registry import MIXERS
 
 
@@ -44,7 +44,7 @@ class ODMParams:
 
 
 @MIXERS.register("odm")
-class ODMMixer(Mixer):
+class ODMMixer(Mixer, ObservesSteps):
     """Online Data Mixing (Albalak et al., 2023; arXiv 2312.02406): EXP3 over domains.
 
     Each domain is an arm whose reward is its training loss (a domain the model still finds
@@ -60,7 +60,6 @@ class ODMMixer(Mixer):
     """
 
     Params = ODMParams
-    observes = True
 
     def __init__(self, params: ODMParams) -> None:
         super().__init__(params)

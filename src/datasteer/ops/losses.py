@@ -21,12 +21,17 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
-def per_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def per_token_loss(
+    logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Shifted next-token cross-entropy.
 
     Args:
         logits: ``(b, T, V)`` model outputs.
         labels: ``(b, T)`` target ids, ``IGNORE_INDEX`` where no loss is taken.
+        label_smoothing: ``eps`` of the Trainer's ``label_smoothing_factor``: each token's
+            loss is ``(1 - eps) * nll + eps * mean_v(-log p_v)``, per token what
+            ``transformers``' ``LabelSmoother`` computes.
 
     Returns:
         ``(losses, mask)``, both ``(b, T - 1)``: the loss of each predicted token (float32,
@@ -39,6 +44,7 @@ def per_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
         shift_logits.reshape(-1, shift_logits.size(-1)).float(),
         targets.reshape(-1).clamp_min(0),
         reduction="none",
+        label_smoothing=label_smoothing,
     ).view(targets.shape)
     return losses * mask, mask
 

@@ -33,6 +33,20 @@ from datasteer.ops.sharding import full_parameters, padded_batch_count, param_sh
 __all__ = ["INDEX_KEY", "ModelOps"]
 
 
+class _Rows:
+    """Rows ``indices`` of a data set, renumbered from 0 (a view, nothing copied)."""
+
+    def __init__(self, base: Any, indices: Sequence[int]) -> None:
+        self.base = base
+        self.indices = list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.base[self.indices[i]]
+
+
 class ModelOps:
     """Batched passes of the live model over pool samples, for algorithms that need them.
 
@@ -66,6 +80,14 @@ class ModelOps:
         self.targets = tuple(targets)
         self.optimizer = optimizer
         self.name = name
+
+    def subset(self, indices: Sequence[int] | torch.Tensor) -> ModelOps:
+        """The same operations over rows ``indices`` of the pool, renumbered from 0 (the
+        targets and optimizer are shared)."""
+        rows = _Rows(self.dataset, torch.as_tensor(indices, dtype=torch.long).tolist())
+        return ModelOps(
+            self.model, rows, self.collator, self.batch_size, self.device, self.targets, self.optimizer, self.name
+        )
 
     def target_embeddings(self, *, layer: int = -1, pooling: Pooling = "mean", normalize: bool = True) -> torch.Tensor:
         """Embeddings of every row of every target set, concatenated in order.

@@ -16,8 +16,10 @@ of the model that embedded the rows (:func:`embedding_settings`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,14 +29,80 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from datasteer.errors import SteeringStateError
-from datasteer.ops.feature_store import fingerprint
 
-__all__ = ["FORMAT", "embedding_settings", "pool_fingerprint", "read_prepared", "row_token_ids", "write_prepared"]
+__all__ = [
+    "FORMAT",
+    "embedding_settings",
+    "fingerprint",
+    "pool_fingerprint",
+    "read_prepared",
+    "row_token_ids",
+    "write_prepared",
+]
 
 #: The training model's config keys a prepared file is tied to (when it embedded the rows).
 MODEL_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")
 
 FORMAT = "datasteer-prepared/1"
+
+# What every digest starts with: a format tag and empty "model" and "model_state" slots
+# (the latter filled with a hashed None in `fingerprint`). Earlier versions could hash model
+# weights there; the bytes are kept so that files they prepared keep their fingerprints.
+_DIGEST_PREFIX = b"datasteer-features/1" + b"model" + b"model_state"
+
+
+def _hash_into(h: Any, obj: object) -> None:
+    """Feed ``obj`` into ``h`` with type tags and lengths, so distinct values never collide
+    by concatenation (``["ab"]`` vs ``["a", "b"]``)."""
+    if obj is None or isinstance(obj, bool | int | float | str):
+        # repr is exact for these (floats round-trip), and tags the type implicitly.
+        text = f"{type(obj).__name__}:{obj!r}".encode()
+        h.update(struct.pack("<Q", len(text)) + text)
+    elif isinstance(obj, bytes):
+        h.update(b"bytes" + struct.pack("<Q", len(obj)) + obj)
+    elif isinstance(obj, np.ndarray):
+        a = np.ascontiguousarray(obj)
+        h.update(f"ndarray:{a.dtype.str}:{a.shape}".encode())
+        h.update(a.tobytes())
+    elif isinstance(obj, Mapping):
+        h.update(b"map" + struct.pack("<Q", len(obj)))
+        for key in sorted(obj, key=str):
+            _hash_into(h, str(key))
+            _hash_into(h, obj[key])
+    elif isinstance(obj, list | tuple):
+        if obj and all(isinstance(x, int) and not isinstance(x, bool) for x in obj):
+            # Fast path for token ids and index lists: one array instead of n objects.
+            _hash_into(h, np.asarray(obj, dtype=np.int64))
+            return
+        h.update(b"seq" + struct.pack("<Q", len(obj)))
+        for item in obj:
+            _hash_into(h, item)
+    else:
+        # repr() of arbitrary objects may contain memory addresses and change every run.
+        raise TypeError(
+            f"cannot fingerprint a {type(obj).__name__}; pass None, str, numbers, bytes, numpy "
+            "arrays, or lists / dicts of them"
+        )
+
+
+def fingerprint(*, data: object, settings: Mapping[str, object]) -> str:
+    """A SHA-256 hex digest of ``data`` and ``settings``.
+
+    Args:
+        data: None, strings, numbers, bytes, numpy arrays and nested lists / dicts of them.
+            The structure is hashed, not just the bytes.
+        settings: plain values, as ``data``.
+
+    Returns:
+        A 64-character hex string.
+    """
+    h = hashlib.sha256(_DIGEST_PREFIX)
+    _hash_into(h, None)  # the empty "model_state" slot
+    h.update(b"data")
+    _hash_into(h, data)
+    h.update(b"settings")
+    _hash_into(h, dict(settings))
+    return h.hexdigest()
 
 
 def row_token_ids(dataset: Any) -> list[list[int]]:

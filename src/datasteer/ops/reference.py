@@ -55,7 +55,11 @@ def load_reference_model(path: str, like: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def excess_loss(
-    reference: nn.Module, inputs: dict[str, Any], labels: torch.Tensor, token_losses: torch.Tensor
+    reference: nn.Module,
+    inputs: dict[str, Any],
+    labels: torch.Tensor,
+    token_losses: torch.Tensor,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Per sample, the sum over its labelled tokens of ``max(loss - reference loss, 0)``.
 
@@ -65,9 +69,11 @@ def excess_loss(
         labels: ``(b, T)`` labels.
         token_losses: ``(b, T - 1)`` the trained model's per-token losses (see
             :func:`datasteer.ops.per_token_loss`).
+        label_smoothing: the smoothing those losses were computed with (applied to the
+            reference's losses too, so that both sides measure the same thing).
     """
     device = labels.device
     if next(reference.parameters()).device != device:
         reference.to(device)
-    ref_losses, mask = per_token_loss(reference(**inputs).logits, labels)
+    ref_losses, mask = per_token_loss(reference(**inputs).logits, labels, label_smoothing)
     return ((token_losses.detach() - ref_losses).clamp_min(0) * mask).sum(dim=1)

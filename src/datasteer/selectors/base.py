@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -36,8 +37,18 @@ def candidate_subset(ctx: SelectContext, size: int | None) -> torch.Tensor:
     return torch.randperm(ctx.pool_size, generator=ctx.generator)[:size].sort().values
 
 
-class Selector(Algorithm):
-    """Chooses pool indices for the steps until the next update."""
+class Selector(Algorithm[Any]):
+    """Chooses pool indices for the steps until the next update.
+
+    Under a mixer, a selector chooses within one domain at a time: its context's pool is
+    that domain's samples (renumbered from 0, and ``ctx.ops`` bound to them) and
+    ``num_samples`` is the domain's share of the steps (see the README's composition rule).
+    """
+
+    def check_within_domains(self) -> None:
+        """Raise a ConfigError if this selector cannot choose within one domain's samples
+        (e.g. it reads files prepared for the whole pool). Called when a run composes it
+        with a mixer, before any model loads."""
 
     @abstractmethod
     def select(self, ctx: SelectContext) -> torch.Tensor:

@@ -10,13 +10,13 @@ import torch
 
 from datasteer.config import doc
 from datasteer.errors import ConfigError
-from datasteer.ops.feature_store import mean_similarity
 from datasteer.ops.gradients import GradFeatureConfig
+from datasteer.ops.similarity import mean_similarity
 from datasteer.registry import SELECTORS
 from datasteer.selectors.base import SelectContext, Selector, candidate_subset
 
 if TYPE_CHECKING:
-    from datasteer.ops import ModelOps
+    from datasteer.ops.protocol import ModelOperations
 
 
 @dataclass
@@ -60,7 +60,7 @@ class LessParams(GradientFeatureParams):
             raise ConfigError(f"candidates: must be >= 1 or null, got {self.candidates}")
 
 
-def target_gradient_features(ops: ModelOps, config: GradFeatureConfig, algorithm: str) -> list[torch.Tensor]:
+def target_gradient_features(ops: ModelOperations, config: GradFeatureConfig, algorithm: str) -> list[torch.Tensor]:
     """Plain projected gradient features of every row of each target set, one matrix per set.
 
     Raises:

@@ -10,8 +10,8 @@ import torch
 
 from datasteer.config import doc
 from datasteer.errors import ConfigError
-from datasteer.ops.feature_store import topk_similarity
 from datasteer.ops.prepared import embedding_settings, pool_fingerprint, read_prepared, row_token_ids
+from datasteer.ops.similarity import topk_similarity
 from datasteer.registry import SELECTORS
 from datasteer.selectors.base import SelectContext, Selector
 
@@ -60,6 +60,14 @@ class NearSelector(Selector):
     """
 
     Params = NearParams
+
+    def check_within_domains(self) -> None:
+        if self.params.prepared is not None:
+            raise ConfigError(
+                "datasteer.select.params.prepared: prepared neighbour lists index the whole pool and cannot be "
+                "used within a mixer's domains; drop prepared (embed online) or the mix stage"
+            )
+
     needs_model = True
 
     def __init__(self, params: NearParams) -> None:

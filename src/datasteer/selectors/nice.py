@@ -19,7 +19,7 @@ from datasteer.selectors.base import SelectContext, Selector, candidate_subset
 from datasteer.selectors.less import GradientFeatureParams, max_mean_cosine
 
 if TYPE_CHECKING:
-    from datasteer.ops import ModelOps
+    from datasteer.ops.protocol import ModelOperations
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class NiceSelector(Selector):
         self._policy: nn.Module | None = None
         self._reward_model: RewardModel | None = None
 
-    def _sampler(self, ops: ModelOps) -> nn.Module | None:
+    def _sampler(self, ops: ModelOperations) -> nn.Module | None:
         p: NiceParams = self.params
         if p.policy is not None and self._policy is None:
             vocab = ops.model.get_input_embeddings().num_embeddings  # type: ignore[operator]
@@ -141,7 +141,7 @@ class NiceSelector(Selector):
                 raise ConfigError(f"policy: {err}") from err
         return self._policy
 
-    def _reward(self, ops: ModelOps, sampler: nn.Module) -> RewardFn:
+    def _reward(self, ops: ModelOperations, sampler: nn.Module) -> RewardFn:
         p: NiceParams = self.params
         if p.reward == "exact_match":
             return ExactMatch(eos_ids(sampler))

@@ -184,6 +184,13 @@ class TsdsSelector(Selector):
     """
 
     Params = TsdsParams
+
+    def check_within_domains(self) -> None:
+        raise ConfigError(
+            "datasteer.select: tsds draws from probabilities prepared over the whole pool and cannot choose "
+            "within a mixer's domains; use it without a mix stage"
+        )
+
     # The model is not run: the pool and target rows are read to check the fingerprint.
     needs_model = True
 

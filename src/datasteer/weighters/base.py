@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -36,7 +37,7 @@ class WeightContext:
     generator: torch.Generator
 
 
-class Weighter(Algorithm):
+class Weighter(Algorithm[Any]):
     """Gives each sample of a batch a loss weight."""
 
     @abstractmethod

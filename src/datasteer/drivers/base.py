@@ -1,0 +1,141 @@
+"""The driver protocol: what the controller asks of each stage (mix, select, weight).
+
+A driver runs one algorithm inside the shared core. The controller keeps the schedule
+clock, the run record, rank agreement of the records and the state file; a driver
+implements its paradigm's part:
+
+* :meth:`Driver.begin` at train begin (e.g. the mixer's initial proportions);
+* :meth:`Driver.decide` after each optimizer step (updates due now, per its schedule);
+* :meth:`Driver.observe` for each trained micro-batch (per-sample losses, when asked);
+* :meth:`Driver.loss_weights` for each micro-batch, when it weights the training loss;
+* :meth:`Driver.state_dict` / :meth:`Driver.load_state_dict` for exact resume.
+
+Each returns event payloads (plain dicts); the controller adds ``step``, ``paradigm``,
+``algorithm``, ``served`` and ``seconds`` and writes them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, TypeVar
+
+import numpy as np
+import torch
+
+from datasteer.config import StageConfig
+from datasteer.ops.protocol import NO_MODEL, ModelOperations
+from datasteer.samplers import MixtureSampler, SelectionSampler
+from datasteer.schedule import Schedule
+
+A = TypeVar("A")
+
+#: Builds the model operations on demand (only algorithms that need the model call it).
+OpsFactory = Callable[[], ModelOperations] | None
+
+
+@dataclass
+class RunInfo:
+    """What every driver of a run shares: the pool's domains, the batch, the seed, the stream."""
+
+    domains: np.ndarray
+    domain_names: tuple[str, ...]
+    global_batch: int
+    seed: int
+    sampler: MixtureSampler | SelectionSampler | None
+    max_steps: int = 0
+
+    @property
+    def num_domains(self) -> int:
+        return len(self.domain_names)
+
+    def per_domain(self, values: Any) -> dict[str, float]:
+        """``{domain: value}`` with values rounded for the record."""
+        return {n: round(float(v), 8) for n, v in zip(self.domain_names, values, strict=True)}
+
+
+@dataclass
+class TrainedBatch:
+    """One trained micro-batch, as the drivers see it.
+
+    Attributes:
+        indices: pool index of each sample, ``(b,)``.
+        domains: domain id of each sample, ``(b,)``.
+        losses: token-mean loss of each sample (``None`` unless a driver asked for losses).
+        tokens: labelled tokens of each sample.
+        excess: summed per-token excess loss over the reference model of each sample.
+    """
+
+    indices: np.ndarray
+    domains: np.ndarray
+    losses: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
+    excess: torch.Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Driver(ABC, Generic[A]):
+    """Runs one stage's algorithm of type ``A`` (see the module docstring)."""
+
+    paradigm: ClassVar[str]
+
+    def __init__(self, stage: StageConfig, algorithm: A, run: RunInfo, lag: int) -> None:
+        self.stage = stage
+        self.algorithm = algorithm
+        self.run = run
+        self.schedule = Schedule(stage.warmup_steps, stage.update_every, stage.max_updates, lag)
+
+    # -- capabilities the integrations ask for ---------------------------------------------
+    @property
+    def needs_sample_losses(self) -> bool:
+        """Whether :meth:`observe` needs the batch's per-sample losses."""
+        return False
+
+    @property
+    def weights_loss(self) -> bool:
+        """Whether :meth:`loss_weights` reweights the training loss."""
+        return False
+
+    def reference_model(self) -> str | None:
+        """Directory of a reference model whose losses :meth:`observe` needs."""
+        return None
+
+    def learned(self) -> dict[str, Any] | None:
+        """What the stage learned over the run, for a later run (``domain_weights.json``)."""
+        return None
+
+    # -- events ----------------------------------------------------------------------------
+    def begin(self) -> list[dict[str, Any]]:
+        """At train begin (not on resume): set the initial plan."""
+        return []
+
+    @abstractmethod
+    def decide(self, step: int, ops: OpsFactory) -> list[dict[str, Any]]:
+        """After optimizer step ``step`` (0: train begin): act on what is due."""
+
+    def observe(self, batch: TrainedBatch) -> None:
+        """A micro-batch was trained."""
+
+    def loss_weights(self, step: int, batch: TrainedBatch) -> torch.Tensor | None:
+        """Loss weights of the micro-batch's samples (``None``: this stage does not weight)."""
+        return None
+
+    # -- state -----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = self.algorithm.state_dict()  # type: ignore[attr-defined]
+        return {"algorithm": state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.algorithm.load_state_dict(state["algorithm"])  # type: ignore[attr-defined]
+
+    # -- shared helpers --------------------------------------------------------------------
+    def model_ops(self, needs_model: bool, ops: OpsFactory) -> ModelOperations:
+        """The model operations for an algorithm's context (:data:`NO_MODEL` if it needs none)."""
+        if not needs_model:
+            return NO_MODEL
+        if ops is None:
+            from datasteer.errors import SteeringStateError
+
+            raise SteeringStateError(f"{self.stage.algorithm} needs the model, but no model operations were given")
+        return ops()

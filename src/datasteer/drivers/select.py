@@ -1,0 +1,167 @@
+"""The select driver: pool indices for the steps until the next update.
+
+Alone, the selector chooses from the whole pool: ``num_samples`` = global batch x the
+steps the update shapes. Under a mixer (composition), it chooses **within each domain**:
+for every domain d whose share of those steps is positive, the selector sees only d's
+samples (renumbered ``0..n_d - 1``, with model operations bound to them) and is asked for
+``q_d`` = the number of domain-d samples the mixture serves in those steps under the
+proportions known when the selection is made (the sum of each step's systematic counts).
+The mixture then draws each domain's share of a step from its selected samples. Stateful
+selectors keep one state per domain (a copy of the built algorithm per domain).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from datasteer import dist
+from datasteer.drivers.base import Driver, OpsFactory
+from datasteer.errors import SteeringStateError
+from datasteer.ops.protocol import ModelOperations
+from datasteer.rng import torch_generator
+from datasteer.samplers import MixtureSampler
+from datasteer.selectors.base import SelectContext, Selector
+
+
+def digest(indices: np.ndarray) -> str:
+    """Short stable fingerprint of an index array (order-sensitive)."""
+    return hashlib.sha256(np.ascontiguousarray(indices, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+class SelectDriver(Driver[Selector]):
+    """Runs a :class:`~datasteer.selectors.base.Selector` (see the module docstring)."""
+
+    paradigm = "select"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.within_domains = isinstance(self.run.sampler, MixtureSampler)
+        self.members = [np.flatnonzero(self.run.domains == d) for d in range(self.run.num_domains)]
+        # One selector per domain under a mixer (their states differ); the built one serves domain 0.
+        count = self.run.num_domains if self.within_domains else 1
+        self.selectors = [self.algorithm, *(copy.deepcopy(self.algorithm) for _ in range(count - 1))]
+
+    def decide(self, step: int, ops: OpsFactory) -> list[dict[str, Any]]:
+        return [self._update(u, step, ops) for u in self.schedule.updates_decided_at(step, self.run.max_steps)]
+
+    def _update(self, update: int, step: int, ops: OpsFactory) -> dict[str, Any]:
+        first = self.schedule.first_step(update)
+        last = self.schedule.last_step(update, self.run.max_steps)
+        model_ops = self.model_ops(self.algorithm.needs_model, ops)
+        started = time.perf_counter()
+        payload: dict[str, Any] = {}
+        if self.within_domains:
+            chosen, quotas = self._select_within_domains(update, step, first, last, model_ops)
+            payload["quotas"] = dict(zip(self.run.domain_names, (int(q) for q in quotas), strict=True))
+        else:
+            pool = self.run.domains
+            ctx = self._context(
+                update,
+                step,
+                first,
+                last,
+                len(pool),
+                self.run.global_batch * (last - first + 1),
+                torch.from_numpy(pool),
+                model_ops,
+                torch_generator(self.run.seed, "select", update),
+            )
+            chosen = self._check(self.algorithm.select(ctx), len(pool))
+        chosen = dist.broadcast_object(chosen)
+        assert self.run.sampler is not None
+        self.run.sampler.add_selection(first, chosen)
+        counts = np.bincount(self.run.domains[chosen], minlength=self.run.num_domains)
+        record = {
+            "step": step,
+            "update": update,
+            "first_step": first,
+            "last_step": last,
+            "selected": len(chosen),
+            "unique": len(np.unique(chosen)),
+            "digest": digest(chosen),
+            "domain_counts": dict(zip(self.run.domain_names, (int(c) for c in counts), strict=True)),
+            **payload,
+            "seconds": round(time.perf_counter() - started, 6),
+        }
+        return record
+
+    def _select_within_domains(
+        self, update: int, step: int, first: int, last: int, ops: ModelOperations
+    ) -> tuple[np.ndarray, np.ndarray]:
+        sampler = self.run.sampler
+        assert isinstance(sampler, MixtureSampler)
+        quotas = sum((sampler.domain_counts(s) for s in range(first, last + 1)), np.zeros(self.run.num_domains, int))
+        parts = []
+        for d, (members, selector) in enumerate(zip(self.members, self.selectors, strict=True)):
+            if quotas[d] == 0 or len(members) == 0:
+                continue
+            domain_ops = ops.subset(torch.from_numpy(members)) if selector.needs_model else ops
+            ctx = self._context(
+                update,
+                step,
+                first,
+                last,
+                len(members),
+                int(quotas[d]),
+                torch.full((len(members),), d, dtype=torch.long),
+                domain_ops,
+                torch_generator(self.run.seed, "select", update, d),
+            )
+            parts.append(members[self._check(selector.select(ctx), len(members))])
+        return np.concatenate(parts), quotas
+
+    def _context(
+        self,
+        update: int,
+        step: int,
+        first: int,
+        last: int,
+        pool_size: int,
+        num_samples: int,
+        domains: torch.Tensor,
+        ops: ModelOperations,
+        generator: torch.Generator,
+    ) -> SelectContext:
+        return SelectContext(
+            step=step,
+            first_step=first,
+            last_step=last,
+            max_steps=self.run.max_steps,
+            update=update,
+            total_updates=self.schedule.total_updates(self.run.max_steps),
+            num_samples=num_samples,
+            pool_size=pool_size,
+            domains=domains,
+            domain_names=self.run.domain_names,
+            generator=generator,
+            ops=ops,
+        )
+
+    def _check(self, chosen: torch.Tensor, pool_size: int) -> np.ndarray:
+        arr = torch.as_tensor(chosen).detach().cpu().numpy()
+        if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
+            raise SteeringStateError(f"{self.stage.algorithm} must return a non-empty 1-D integer tensor")
+        if arr.min() < 0 or arr.max() >= pool_size:
+            raise SteeringStateError(f"{self.stage.algorithm} returned indices outside [0, {pool_size})")
+        return arr.astype(np.int64)
+
+    # -- state -----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        if not self.within_domains:
+            return super().state_dict()
+        return {"per_domain": [s.state_dict() for s in self.selectors]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not self.within_domains:
+            super().load_state_dict(state)
+            return
+        if "per_domain" not in state or len(state["per_domain"]) != len(self.selectors):
+            raise SteeringStateError("the checkpoint's selector state is not one per domain of this mixed run")
+        for selector, part in zip(self.selectors, state["per_domain"], strict=True):
+            selector.load_state_dict(part)
