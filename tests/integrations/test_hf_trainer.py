@@ -428,3 +428,88 @@ def test_evaluation_loaders_are_built_once_for_all_updates(tmp_path: Path, monke
     run(tmp_path, steering, max_steps=7, eval_dataset=targets)
     assert len(read_records(tmp_path / "steering.jsonl")) == 3
     assert len(calls) == 1
+
+
+def test_uniform_weights_keep_the_trainers_label_smoothing(tmp_path: Path) -> None:
+    """The weighted path's loss is the Trainer's own smoothed loss when every weight is 1 (rows of
+    equal length, so the per-sample mean is the token mean)."""
+
+    def first_step_losses(out: Path, steering: dict[str, Any] | None) -> list[float]:
+        args = TrainingArguments(
+            output_dir=str(out),
+            per_device_train_batch_size=4,
+            max_steps=1,
+            label_smoothing_factor=0.1,
+            report_to=[],
+            use_cpu=True,
+            seed=3,
+            disable_tqdm=True,
+            dataloader_pin_memory=False,
+        )
+        trainer = RecordingTrainer(
+            model=make_model(),
+            args=args,
+            train_dataset=make_dataset(),
+            data_collator=default_data_collator,
+            steering=steering,
+        )
+        if steering is None:  # record the plain Trainer's micro-batches the same way
+            trainer.training_step = lambda model, inputs, n=None: _plain_step(trainer, model, inputs, n)  # type: ignore[method-assign]
+        trainer.train()
+        return [loss for _, _, loss in trainer.micro]
+
+    plain = first_step_losses(tmp_path / "plain", None)
+    weighted = first_step_losses(tmp_path / "weighted", {"paradigm": "weight", "algorithm": "uniform"})
+    assert len(plain) == 1 and weighted == pytest.approx(plain, rel=1e-5)
+
+
+def _plain_step(trainer: RecordingTrainer, model: Any, inputs: dict[str, Any], n: Any) -> torch.Tensor:
+    loss = SteeringTrainer.training_step(trainer, model, inputs, n)
+    trainer.micro.append((trainer.state.global_step + 1, [], float(loss)))
+    return loss
+
+
+def test_smoothing_changes_the_per_sample_losses() -> None:
+    """Guards the test above: with smoothing the per-sample losses differ from plain cross-entropy."""
+    from datasteer.ops import per_token_loss
+
+    logits, labels = torch.randn(2, 5, 7), torch.randint(0, 7, (2, 5))
+    plain, _ = per_token_loss(logits, labels)
+    smooth, _ = per_token_loss(logits, labels, 0.1)
+    log_p = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -log_p.gather(-1, labels[:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(smooth, 0.9 * nll + 0.1 * (-log_p).mean(-1))  # transformers' LabelSmoother
+    assert not torch.allclose(plain, smooth)
+
+
+def test_a_custom_loss_function_is_refused_with_a_weight_stage(tmp_path: Path) -> None:
+    from datasteer.errors import ConfigError
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=1)
+    with pytest.raises(ConfigError, match=r"^compute_loss_func: weight/uniform weights each sample's loss"):
+        SteeringTrainer(
+            model=make_model(),
+            args=args,
+            train_dataset=make_dataset(),
+            data_collator=default_data_collator,
+            compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.logits.sum(),
+            steering={"paradigm": "weight", "algorithm": "uniform"},
+        )
+
+
+def test_the_accumulation_rule_is_used_only_on_tested_transformers(monkeypatch: pytest.MonkeyPatch) -> None:
+    import transformers
+
+    from datasteer.integrations.hf import trainer_divides_loss
+
+    class FakeTrainer:
+        model_accepts_loss_kwargs = True
+        compute_loss_func = None
+
+    assert trainer_divides_loss(FakeTrainer(), None) is True
+    assert trainer_divides_loss(FakeTrainer(), 12) is False
+    FakeTrainer.model_accepts_loss_kwargs = False
+    assert trainer_divides_loss(FakeTrainer(), 12) is True
+    monkeypatch.setattr(transformers, "__version__", "5.7.0")
+    with pytest.raises(SteeringStateError, match=r"transformers 5\.7\.0: datasteer's weighted loss is tested with"):
+        trainer_divides_loss(FakeTrainer(), 12)

@@ -153,3 +153,59 @@ def test_doremi_workflow_runs_its_three_steps(tmp_path: Path) -> None:
     )
     (record,) = read_records(main_run / "steering.jsonl")
     assert list(record["proportions"].values()) == pytest.approx(weights["proportions"], abs=1e-8)
+
+
+def test_one_run_builds_each_algorithm_once_and_parses_llamafactory_args_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llamafactory import hparams
+    from llamafactory.train import tuner
+
+    from datasteer.registry import Registry
+
+    built: list[str] = []
+    parsed: list[int] = []
+    original_build, original_parse = Registry.build, hparams.get_train_args
+
+    def counting_build(self: Registry, name: str, params: object) -> object:
+        built.append(f"{self.paradigm}/{name}")
+        return original_build(self, name, params)
+
+    def counting_parse(*args: object, **kwargs: object) -> object:
+        parsed.append(1)
+        return original_parse(*args, **kwargs)
+
+    monkeypatch.setattr(Registry, "build", counting_build)
+    monkeypatch.setattr(hparams, "get_train_args", counting_parse)
+    monkeypatch.setattr(tuner, "get_train_args", counting_parse)
+    train(EXAMPLES / "compose_odm_select_loss.yaml", tmp_path, "max_steps=2", "save_steps=10")
+    assert sorted(built) == ["mix/odm", "select/loss"]
+    assert len(parsed) == 1
+    records = read_records(tmp_path / "steering.jsonl")
+    assert {r["paradigm"] for r in records} == {"mix"}  # the selection starts after step 5
+
+
+@pytest.mark.slow
+def test_composed_run_resumes_exactly_after_a_kill(tmp_path: Path) -> None:
+    """mix/odm + select/loss, interrupted after checkpoint-3 (later files lost, records past the
+    checkpoint kept, as after a crash): the resumed run writes the same records and ends with
+    the same weights as an uninterrupted one."""
+    config = EXAMPLES / "compose_odm_select_loss.yaml"
+    steps = ["max_steps=9", "datasteer.select.warmup_steps=1", "datasteer.select.update_every=3"]
+    steps += ["datasteer.select.params.candidates=32"]
+    train(config, tmp_path / "full", *steps)
+    part = tmp_path / "part"
+    shutil.copytree(tmp_path / "full", part)
+    for folder in ("checkpoint-6", "checkpoint-9"):
+        shutil.rmtree(part / folder)
+    for name in ("model.safetensors", "trainer_state.json", "all_results.json", "train_results.json"):
+        (part / name).unlink(missing_ok=True)
+    resume = [f"resume_from_checkpoint={part / 'checkpoint-3'}", "overwrite_output_dir=false"]
+    train(config, part, *steps, *resume)
+    full = read_records(tmp_path / "full" / "steering.jsonl")
+    assert {r["paradigm"] for r in full} == {"mix", "select"}
+    assert without_seconds(read_records(part / "steering.jsonl")) == without_seconds(full)
+    full_weights = load_file(tmp_path / "full" / "model.safetensors")
+    part_weights = load_file(part / "model.safetensors")
+    for name, tensor in full_weights.items():
+        torch.testing.assert_close(part_weights[name], tensor, rtol=1e-5, atol=1e-6)

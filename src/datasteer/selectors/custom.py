@@ -114,7 +114,7 @@ class CustomParams:
 class CustomSelector(Selector):
     """A user's own Selector subclass, loaded from the module or file named by its path.
 
-    Every call is delegated: ``select``, ``prepare_model``, ``state_dict`` /
+    Every call is delegated: ``select``, ``prepare_model``, ``check_within_domains``, ``state_dict`` /
     ``load_state_dict`` and ``needs_model`` (the controller builds model operations only
     when the user's class asks for them). See ``examples/custom_selector.py``.
     """
@@ -134,6 +134,9 @@ class CustomSelector(Selector):
 
     def prepare_model(self, model: nn.Module) -> None:
         self.inner.prepare_model(model)
+
+    def check_within_domains(self) -> None:
+        self.inner.check_within_domains()
 
     def select(self, ctx: SelectContext) -> torch.Tensor:
         return self.inner.select(ctx)
