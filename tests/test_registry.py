@@ -204,3 +204,14 @@ def test_unknown_name_lists_registered_names() -> None:
     with pytest.raises(ConfigError) as info:
         registry_for("select").get("nope", where="x.algorithm")
     assert str(info.value) == f"x.algorithm: unknown select algorithm 'nope'; choose one of {', '.join(names)}"
+
+
+@pytest.mark.parametrize("base", [Selector, Mixer, Weighter], ids=["select", "mix", "weight"])
+def test_an_algorithm_without_its_method_cannot_be_built(base: type) -> None:
+    @dataclasses.dataclass
+    class P:
+        pass
+
+    incomplete = type("Incomplete", (base,), {"Params": P, "__doc__": "Lacks its paradigm's method."})
+    with pytest.raises(TypeError, match="abstract"):
+        incomplete(P())
