@@ -109,6 +109,11 @@ class SteeringController:
         """Path of the reference model whose per-token losses a stage needs, if any."""
         return next((path for d in self.drivers if (path := d.reference_model()) is not None), None)
 
+    @property
+    def embedding_layer(self) -> tuple[int, Any] | None:
+        """``(layer, pooling)`` of the pooled hidden states a stage needs from the training forward."""
+        return next((e for d in self.drivers if (e := d.embedding_layer()) is not None), None)
+
     def learned_proportions(self) -> dict[str, Any] | None:
         """What a stage learned over the run (DoReMi's averaged weights), for a later static run."""
         return next((learned for d in self.drivers if (learned := d.learned()) is not None), None)
@@ -135,12 +140,15 @@ class SteeringController:
         losses: torch.Tensor | None = None,
         tokens: torch.Tensor | None = None,
         excess: torch.Tensor | None = None,
+        reference_losses: torch.Tensor | None = None,
+        embeddings: torch.Tensor | None = None,
     ) -> TrainedBatch:
         """Note a trained micro-batch: its domains (reported with the next event) and, when
-        given, its per-sample token-mean losses, labelled-token counts and summed excess
-        losses over a reference model. Returns the batch as the stages see it."""
+        given, its per-sample token-mean losses, labelled-token counts, summed excess losses
+        over a reference model, the reference's token-mean losses and pooled hidden states.
+        Returns the batch as the stages see it."""
         idx = indices.detach().cpu().numpy()
-        batch = TrainedBatch(idx, self.domains[idx], losses, tokens, excess)
+        batch = TrainedBatch(idx, self.domains[idx], losses, tokens, excess, reference_losses, embeddings)
         self._served += np.bincount(batch.domains, minlength=len(self.domain_names))
         for driver in self.drivers:
             driver.observe(batch)

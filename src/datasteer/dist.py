@@ -76,3 +76,25 @@ def gather_rows(local: torch.Tensor, n: int) -> torch.Tensor:
     parts = [torch.empty_like(padded, device=device) for _ in range(world_size())]
     dist.all_gather(parts, padded.to(device))
     return torch.cat([p.cpu() for p in parts])[:n]
+
+
+def all_gather_rows(local: torch.Tensor) -> tuple[torch.Tensor, slice]:
+    """Every rank's rows of ``local`` (row counts may differ), concatenated in rank order.
+
+    Returns ``(rows, mine)``: the gathered CPU tensor, the same on every rank, and the slice
+    of it that is this rank's ``local``.
+    """
+    if not is_distributed():
+        return local.detach().cpu(), slice(0, local.shape[0])
+    device = _device()
+    counts = torch.zeros(world_size(), dtype=torch.long)
+    counts[rank()] = local.shape[0]
+    counts = all_reduce(counts)
+    per = int(counts.max())
+    padded = torch.zeros((per, *local.shape[1:]), dtype=local.dtype)
+    padded[: local.shape[0]] = local.detach().cpu()
+    parts = [torch.empty_like(padded, device=device) for _ in range(world_size())]
+    dist.all_gather(parts, padded.to(device))
+    rows = torch.cat([p.cpu()[: int(c)] for p, c in zip(parts, counts, strict=True)])
+    start = int(counts[: rank()].sum())
+    return rows, slice(start, start + local.shape[0])

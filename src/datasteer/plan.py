@@ -15,9 +15,10 @@ from typing import Any
 from torch import nn
 
 from datasteer.algorithm import Algorithm
+from datasteer.capabilities import ComparesToReference
 from datasteer.config import SteeringConfig, load_steering
 from datasteer.errors import ConfigError
-from datasteer.mixers.base import ComparesToReference, Mixer, ShapesDomainLoss
+from datasteer.mixers.base import Mixer, ShapesDomainLoss
 from datasteer.registry import registry_for
 from datasteer.selectors.base import Selector
 
@@ -44,9 +45,10 @@ class SteeringPlan:
         return algorithm if isinstance(algorithm, Mixer) else None
 
     def reference_model(self) -> str | None:
-        """Directory of the reference model a stage compares the training losses to, if any."""
-        mixer = self.mixer
-        return mixer.reference_model() if isinstance(mixer, ComparesToReference) else None
+        """Directory of the reference model a stage compares the training losses to, if any
+        (:func:`build_plan` refuses two stages with different ones)."""
+        paths = [a.reference_model() for a in self.algorithms.values() if isinstance(a, ComparesToReference)]
+        return paths[0] if paths else None
 
     def check_domains(self, domain_names: Sequence[str]) -> None:
         """Validate the params that depend on the domains (e.g. proportions of the right length)."""
@@ -78,5 +80,11 @@ def build_plan(steering: SteeringConfig | Mapping[str, Any]) -> SteeringPlan:
         raise ConfigError(
             f"datasteer.weight: {config.stages['mix'].algorithm} trains on its own domain-weighted loss; "
             "a weight stage would change its objective (drop one of the two)"
+        )
+    references = {a.reference_model() for a in algorithms.values() if isinstance(a, ComparesToReference)}
+    if len(references) > 1:
+        raise ConfigError(
+            f"reference_model: the stages name different reference models ({', '.join(sorted(references))}); "
+            "a run loads one"
         )
     return plan

@@ -216,11 +216,15 @@ def test_weighted_loss_equals_hand_computation(tmp_path: Path, index_weighter: s
     assert record["weight_min"] == min(all_w) and record["weight_max"] == max(all_w)
 
 
-def test_accumulation_1x4_equals_4x1(tmp_path: Path, index_weighter: str) -> None:
-    steering = {"paradigm": "weight", "algorithm": index_weighter}
+@pytest.mark.parametrize(("algorithm", "micro"), [("_test_index", 4), ("uniform", 8), ("adapt", 8)])
+def test_accumulation_1xn_equals_nx1(tmp_path: Path, index_weighter: str, algorithm: str, micro: int) -> None:
+    steering: dict[str, Any] = {"paradigm": "weight", "algorithm": algorithm}
+    if algorithm == "adapt":
+        steering["params"] = {"refresh_every": 2, "tau": 0.2}
     dataset = ragged_dataset()
-    a = run(tmp_path / "a", steering, bs=1, ga=4, max_steps=3, dataset=dataset)
-    b = run(tmp_path / "b", steering, bs=4, ga=1, max_steps=3, dataset=dataset)
+    anchors = make_dataset((2, 2, 2), seed=5)
+    a = run(tmp_path / "a", steering, bs=1, ga=micro, max_steps=3, dataset=dataset, eval_dataset=anchors)
+    b = run(tmp_path / "b", steering, bs=micro, ga=1, max_steps=3, dataset=dataset, eval_dataset=anchors)
     # The default (random) sampler of the weight paradigm follows the global batch: same data.
     assert {s: sorted(v) for s, v in a.served().items()} == {s: sorted(v) for s, v in b.served().items()}
     loss_a = defaultdict(float)
@@ -513,3 +517,56 @@ def test_the_accumulation_rule_is_used_only_on_tested_transformers(monkeypatch: 
     monkeypatch.setattr(transformers, "__version__", "5.7.0")
     with pytest.raises(SteeringStateError, match=r"transformers 5\.7\.0: datasteer's weighted loss is tested with"):
         trainer_divides_loss(FakeTrainer(), 12)
+
+
+class ForwardCounter:
+    """Counts the forward passes of a model (a pre-hook on its top module)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.count = 0
+        model.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: torch.nn.Module, args: Any) -> None:
+        self.count += 1
+
+
+def test_adapt_makes_no_forward_beyond_the_trainers_own_except_anchor_refreshes(tmp_path: Path) -> None:
+    anchors = make_dataset((3, 3, 3), seed=5)  # 9 rows: 2 forwards per refresh at eval batch 8
+
+    def forwards(out: Path, steering: dict[str, Any] | None) -> tuple[int, list[dict[str, Any]]]:
+        args = TrainingArguments(
+            output_dir=str(out),
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=2,
+            max_steps=6,
+            report_to=[],
+            use_cpu=True,
+            seed=3,
+            disable_tqdm=True,
+            dataloader_pin_memory=False,
+        )
+        model = make_model()
+        counter = ForwardCounter(model)
+        trainer = SteeringTrainer(
+            model=model,
+            args=args,
+            train_dataset=make_dataset(),
+            eval_dataset=anchors,
+            data_collator=default_data_collator,
+            steering=steering,
+        )
+        trainer.train()
+        records = read_records(out / "steering.jsonl") if steering is not None else []
+        return counter.count, records
+
+    plain, _ = forwards(tmp_path / "plain", None)
+    steered, records = forwards(
+        tmp_path / "adapt", {"paradigm": "weight", "algorithm": "adapt", "params": {"refresh_every": 4}}
+    )
+    refreshes = [r for r in records if "refresh" in r]
+    assert [(r["step"], r["anchors"]) for r in refreshes] == [(0, 9), (4, 9)]  # train begin, step 4
+    assert plain == 6 * 2  # one forward per micro-batch
+    assert steered == plain + len(refreshes) * 2
+    weights = [r for r in records if "weight_mean" in r]
+    assert [r["step"] for r in weights] == [1, 2, 3, 4, 5, 6]
+    assert all(0 < r["weight_min"] <= r["weight_mean"] <= r["weight_max"] < 1 for r in weights)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
 import numpy as np
@@ -65,6 +65,8 @@ class TrainedBatch:
         losses: token-mean loss of each sample (``None`` unless a driver asked for losses).
         tokens: labelled tokens of each sample.
         excess: summed per-token excess loss over the reference model of each sample.
+        reference_losses: the reference model's token-mean loss of each sample.
+        embeddings: pooled hidden states of each sample from the training forward pass.
     """
 
     indices: np.ndarray
@@ -72,7 +74,8 @@ class TrainedBatch:
     losses: torch.Tensor | None = None
     tokens: torch.Tensor | None = None
     excess: torch.Tensor | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
+    reference_losses: torch.Tensor | None = None
+    embeddings: torch.Tensor | None = None
 
 
 class Driver(ABC, Generic[A]):
@@ -98,7 +101,11 @@ class Driver(ABC, Generic[A]):
         return False
 
     def reference_model(self) -> str | None:
-        """Directory of a reference model whose losses :meth:`observe` needs."""
+        """Directory of a reference model whose losses the stage needs."""
+        return None
+
+    def embedding_layer(self) -> tuple[int, Any] | None:
+        """``(layer, pooling)`` of the batch embeddings the stage needs from the training forward."""
         return None
 
     def learned(self) -> dict[str, Any] | None:

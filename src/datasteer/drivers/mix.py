@@ -15,11 +15,11 @@ import numpy as np
 import torch
 
 from datasteer import dist
+from datasteer.capabilities import ComparesToReference
 from datasteer.drivers.base import Driver, OpsFactory, TrainedBatch
 from datasteer.errors import SteeringStateError
 from datasteer.mixers.base import (
     SUM_TOLERANCE,
-    ComparesToReference,
     DomainStats,
     MixContext,
     Mixer,

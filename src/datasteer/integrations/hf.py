@@ -36,8 +36,9 @@ from datasteer.config import SteeringConfig
 from datasteer.controller import SteeringController
 from datasteer.errors import ConfigError, SteeringStateError
 from datasteer.ops import INDEX_KEY, ModelOps, per_token_loss
+from datasteer.ops.embeddings import pool
 from datasteer.ops.losses import token_mean
-from datasteer.ops.reference import excess_loss, load_reference_model
+from datasteer.ops.reference import load_reference_model, reference_losses
 from datasteer.plan import SteeringPlan, build_plan
 from datasteer.runlog import RunLog
 
@@ -280,6 +281,9 @@ class SteeringMixin:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # type: ignore[misc]
         labels = inputs.get("labels")
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        wanted = ctl.embedding_layer
+        if wanted is not None:  # hidden states of this same forward, pooled below: no second pass
+            inputs = {**inputs, "output_hidden_states": True}
         # The Trainer's own forward and loss (its label smoothing, loss kwargs, subclass logic).
         loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)  # type: ignore[misc]
         logits = getattr(outputs, "logits", None)
@@ -292,11 +296,18 @@ class SteeringMixin:
         smoothing = float(trainer.args.label_smoothing_factor) if trainer.label_smoother is not None else 0.0
         token_losses, mask = per_token_loss(logits if weighting else logits.detach(), labels, smoothing)
         losses, counts = token_mean(token_losses, mask)
-        reference = self._steering_reference
-        excess = (
-            excess_loss(reference, model_inputs, labels, token_losses, smoothing) if reference is not None else None
-        )
-        batch = ctl.observe(indices, losses.detach(), counts, excess)
+        excess = ref_mean = embeddings = None
+        if self._steering_reference is not None:
+            excess, ref_mean = reference_losses(self._steering_reference, model_inputs, labels, token_losses, smoothing)
+        if wanted is not None:
+            hidden = getattr(outputs, "hidden_states", None)
+            if hidden is None:
+                raise SteeringStateError(f"{ctl.plan.config.describe()} needs hidden states; the model returned none")
+            attention = model_inputs.get("attention_mask")
+            if attention is None:
+                attention = torch.ones(hidden[wanted[0]].shape[:2], dtype=torch.long)
+            embeddings = pool(hidden[wanted[0]].detach(), attention, wanted[1])
+        batch = ctl.observe(indices, losses.detach(), counts, excess, ref_mean, embeddings)
         if weighting:
             weights = ctl.sample_weights(trainer.state.global_step + 1, batch)
             loss = (weights * losses).sum() / losses.numel()

@@ -120,15 +120,6 @@ class ObservesSteps(ABC):
         """Called after every optimizer step with that step's per-domain statistics."""
 
 
-class ComparesToReference(ABC):
-    """Capability: needs a frozen reference model's per-token losses on every training batch
-    (they arrive as :attr:`DomainStats.excess_sum`)."""
-
-    @abstractmethod
-    def reference_model(self) -> str:
-        """Directory of the reference model."""
-
-
 class ShapesDomainLoss(ABC):
     """Capability: trains on ``sum_d alpha_d * L_d`` instead of the plain loss (DoReMi's proxy),
     and learns proportions for a later ``static`` run."""

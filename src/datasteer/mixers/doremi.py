@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 
+from datasteer.capabilities import ComparesToReference
 from datasteer.config import doc
 from datasteer.errors import ConfigError
 from datasteer.mixers.base import (
-    ComparesToReference,
     DomainStats,
     MixContext,
     Mixer,

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from datasteer.errors import ConfigError
-from datasteer.ops.losses import per_token_loss
+from datasteer.ops.losses import per_token_loss, token_mean
 
 logger = logging.getLogger(__name__)
 
@@ -54,14 +54,14 @@ def load_reference_model(path: str, like: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def excess_loss(
+def reference_losses(
     reference: nn.Module,
     inputs: dict[str, Any],
     labels: torch.Tensor,
     token_losses: torch.Tensor,
     label_smoothing: float = 0.0,
-) -> torch.Tensor:
-    """Per sample, the sum over its labelled tokens of ``max(loss - reference loss, 0)``.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One no-grad forward of the reference model on a training batch.
 
     Args:
         reference: the frozen reference model (moved to the batch's device on first use).
@@ -71,9 +71,14 @@ def excess_loss(
             :func:`datasteer.ops.per_token_loss`).
         label_smoothing: the smoothing those losses were computed with (applied to the
             reference's losses too, so that both sides measure the same thing).
+
+    Returns:
+        ``(excess, reference_mean)``, both ``(b,)``: per sample, the sum over its labelled
+        tokens of ``max(loss - reference loss, 0)``, and the reference's token-mean loss.
     """
     device = labels.device
     if next(reference.parameters()).device != device:
         reference.to(device)
     ref_losses, mask = per_token_loss(reference(**inputs).logits, labels, label_smoothing)
-    return ((token_losses.detach() - ref_losses).clamp_min(0) * mask).sum(dim=1)
+    excess = ((token_losses.detach() - ref_losses).clamp_min(0) * mask).sum(dim=1)
+    return excess, token_mean(ref_losses, mask)[0]

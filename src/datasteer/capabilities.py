@@ -1,0 +1,23 @@
+"""Optional needs an algorithm declares by also inheriting a small capability class.
+
+The driver of its paradigm asks for them; nothing else in the core knows the algorithm.
+Paradigm-specific capabilities live beside their base (:mod:`datasteer.mixers.base`,
+:mod:`datasteer.weighters.base`); the ones here serve any paradigm.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+
+class ComparesToReference(ABC):
+    """Capability: needs a frozen reference model's losses on every training batch.
+
+    The training integration runs the reference model on each micro-batch (one no-grad
+    forward) and hands its per-token losses to the stage (a mixer's
+    ``DomainStats.excess_sum``, a weighter's ``WeightContext.reference_losses``).
+    """
+
+    @abstractmethod
+    def reference_model(self) -> str:
+        """Directory of the reference model."""

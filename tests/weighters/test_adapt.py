@@ -1,0 +1,75 @@
+"""AdaptWeighter: weights equal a direct cosine computation; anchors refresh from the model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tests.fakes import FakeOps
+
+from datasteer.errors import ConfigError, SteeringStateError
+from datasteer.weighters.adapt import AdaptParams, AdaptWeighter
+from datasteer.weighters.base import WeightContext
+
+ANCHORS = torch.tensor([[1.0, 0.0], [0.0, 2.0]])  # normalised: e1, e2
+BATCH = torch.tensor([[3.0, 0.0], [1.0, 1.0], [0.0, -1.0]])
+
+
+def ctx(embeddings: torch.Tensor | None) -> WeightContext:
+    n = 3
+    return WeightContext(
+        step=1,
+        max_steps=1,
+        losses=torch.ones(n),
+        indices=torch.arange(n),
+        domains=torch.zeros(n, dtype=torch.long),
+        generator=torch.Generator(),
+        embeddings=embeddings,
+    )
+
+
+def refreshed(**params: object) -> AdaptWeighter:
+    weighter = AdaptWeighter(AdaptParams(**params))  # type: ignore[arg-type]
+    ops = FakeOps(targets=[FakeOps(embeddings=ANCHORS)])
+    assert weighter.refresh(ops) == {"anchors": 2}
+    (call,) = ops.targets[0].calls_to("embeddings")
+    assert call.options == {"layer": -1, "pooling": "weighted", "normalize": True}
+    return weighter
+
+
+def test_weights_are_a_sigmoid_of_the_mean_cosine_to_the_anchors() -> None:
+    # cosines to (e1, e2): [1, 0], [0.7071, 0.7071], [0, -1] -> means 0.5, 0.7071, -0.5
+    means = [0.5, 1 / math.sqrt(2), -0.5]
+    raw = [1 / (1 + math.exp(-m / 0.5)) for m in means]
+    weighter = refreshed(tau=0.5)
+    torch.testing.assert_close(weighter.weigh(ctx(BATCH)), torch.tensor(raw))
+    normalised = refreshed(tau=0.5, normalize=True).weigh(ctx(BATCH))
+    torch.testing.assert_close(normalised, torch.tensor([3 * r / sum(raw) for r in raw]))
+
+
+def test_clip_bounds_the_raw_weights() -> None:
+    w = refreshed(tau=0.5, clip=0.6).weigh(ctx(BATCH))
+    assert float(w.max()) == pytest.approx(0.6) and float(w[2]) < 0.6
+
+
+def test_needs_anchors_and_embeddings() -> None:
+    with pytest.raises(SteeringStateError, match="anchors were not embedded"):
+        AdaptWeighter(AdaptParams()).weigh(ctx(BATCH))
+    with pytest.raises(SteeringStateError, match="embeddings are missing"):
+        refreshed().weigh(ctx(None))
+    with pytest.raises(SteeringStateError, match="needs target samples"):
+        AdaptWeighter(AdaptParams()).refresh(FakeOps())
+
+
+def test_state_round_trip_keeps_the_anchors() -> None:
+    weighter = refreshed()
+    fresh = AdaptWeighter(AdaptParams())
+    fresh.load_state_dict(weighter.state_dict())
+    torch.testing.assert_close(fresh.weigh(ctx(BATCH)), weighter.weigh(ctx(BATCH)))
+
+
+@pytest.mark.parametrize("bad", [{"tau": 0.0}, {"refresh_every": 0}, {"clip": -1.0}])
+def test_bad_params(bad: dict) -> None:
+    with pytest.raises(ConfigError, match=next(iter(bad))):
+        AdaptParams(**bad)  # type: ignore[arg-type]
