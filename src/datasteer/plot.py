@@ -86,15 +86,25 @@ def _plot_select(fig: Any, records: list[dict[str, Any]]) -> None:
 
 def _plot_weight(fig: Any, records: list[dict[str, Any]]) -> None:
     records = sorted((r for r in records if "weight_mean" in r), key=lambda r: r["step"])
-    ax = fig.subplots()
+    domains = _domains(records, "weight_domain_mean")
+    axes = fig.subplots(2 if domains else 1, 1, sharex=True, squeeze=False)[:, 0]
+    ax = axes[0]
     steps = [int(r["step"]) for r in records]
     low = [_num(r.get("weight_min")) for r in records]
     high = [_num(r.get("weight_max")) for r in records]
     ax.fill_between(steps, low, high, color="C0", alpha=0.25, step="mid", label="min / max")
     ax.plot(steps, [_num(r["weight_mean"]) for r in records], "o-", color="C0", markersize=3, label="mean")
+    if any("weight_ess" in r for r in records):
+        ax.plot(steps, [_num(r.get("weight_ess")) for r in records], "--", color="C3", label="ESS / n")
     ax.set_ylabel("sample weight")
-    ax.set_xlabel("step")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    if domains:
+        for i, domain in enumerate(domains):
+            ys = [_num((r.get("weight_domain_mean") or {}).get(domain)) for r in records]
+            axes[1].plot(steps, ys, "o-", color=f"C{i}", markersize=3, label=domain)
+        axes[1].set_ylabel("mean weight per domain")
+        axes[1].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    axes[-1].set_xlabel("step")
 
 
 _PLOTTERS = {
@@ -107,10 +117,11 @@ _PLOTTERS = {
 def plot_run(output_dir: str | Path, output: str | Path | None = None) -> Path:
     """Draw a run's ``steering.jsonl`` as a PNG.
 
-    Mix runs get the proportions per domain as step curves over the step each update starts
-    to shape, plus one panel per per-domain statistic (``alpha``, ``delta``, ...); select runs
-    get the domain shares of each selection as stacked bars; weight runs get the mean weight
-    per step with a min/max band.
+    One section per stage the run has, in composition order. Mix: the proportions per domain
+    as step curves over the step each update starts to shape, plus one panel per per-domain
+    statistic (``alpha``, ``delta``, ...). Select: the domain shares of each selection as
+    stacked bars. Weight: the mean weight per step with a min/max band and the effective
+    sample size, and the mean weight of each domain.
 
     Args:
         output_dir: the run's output directory, holding ``steering.jsonl``.
@@ -130,26 +141,32 @@ def plot_run(output_dir: str | Path, output: str | Path | None = None) -> Path:
     records = read_records(path)
     if not records:
         raise ValueError(f"{path}: empty run record")
-    paradigm = str(records[0].get("paradigm"))
-    if paradigm not in _PLOTTERS:
-        raise ValueError(f"{path}: unknown paradigm {paradigm!r} (expected mix, select or weight)")
-    plotter, key = _PLOTTERS[paradigm]
-    records = [r for r in records if r.get("paradigm") == paradigm and key in r]
-    if not records:
-        raise ValueError(f"{path}: no {paradigm} record has {key!r}")
+    drawn = []  # (paradigm, its records, panels) in composition order
+    for paradigm, (_, key) in _PLOTTERS.items():
+        mine = [r for r in records if r.get("paradigm") == paradigm and key in r]
+        if mine:
+            panels = 1
+            if paradigm == "mix":
+                panels += len({k for r in mine for k, v in r.items() if k not in _NOT_STATS and _is_stat(v)})
+            if paradigm == "weight" and any(r.get("weight_domain_mean") for r in mine):
+                panels += 1
+            drawn.append((paradigm, mine, panels))
+    if not drawn:
+        raise ValueError(f"{path}: no record to draw (expected mix, select or weight records)")
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as err:
         raise ImportError(f"plotting needs matplotlib: pip install 'datasteer[plot]' ({err})") from None
 
-    n_panels = 1
-    if paradigm == "mix":
-        n_panels += len({k for r in records for k, v in r.items() if k not in _NOT_STATS and _is_stat(v)})
-    fig = Figure(figsize=(8.0, 1.0 + 2.4 * n_panels), layout="constrained")
+    total = sum(panels for _, _, panels in drawn)
+    fig = Figure(figsize=(8.0, 1.0 + 2.4 * total), layout="constrained")
     FigureCanvasAgg(fig)
-    plotter(fig, records)
-    fig.suptitle(f"{records[0].get('algorithm', '?')} ({paradigm}): {Path(output_dir)}", fontsize="medium")
+    parts = fig.subfigures(len(drawn), 1, height_ratios=[panels for _, _, panels in drawn], squeeze=False)[:, 0]
+    for part, (paradigm, mine, _) in zip(parts, drawn, strict=True):
+        _PLOTTERS[paradigm][0](part, mine)
+        part.suptitle(f"{paradigm}: {mine[0].get('algorithm', '?')}", fontsize="medium")
+    fig.suptitle(str(Path(output_dir)), fontsize="medium")
     target = Path(output) if output is not None else Path(output_dir) / "steering.png"
     target.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(target, dpi=100)

@@ -570,3 +570,22 @@ def test_adapt_makes_no_forward_beyond_the_trainers_own_except_anchor_refreshes(
     weights = [r for r in records if "weight_mean" in r]
     assert [r["step"] for r in weights] == [1, 2, 3, 4, 5, 6]
     assert all(0 < r["weight_min"] <= r["weight_mean"] <= r["weight_max"] < 1 for r in weights)
+
+
+@pytest.mark.parametrize(
+    "steering",
+    [
+        {"paradigm": "weight", "algorithm": "uniform"},
+        {"mix": {"algorithm": "random", "update_every": 1}, "weight": {"algorithm": "uniform"}},
+    ],
+    ids=["weight", "mix+weight"],
+)
+def test_the_trainers_own_log_keeps_every_step_and_carries_the_steering_numbers(
+    tmp_path: Path, steering: dict[str, Any]
+) -> None:
+    trainer = run(tmp_path, steering, bs=4, ga=1, max_steps=4)  # logging_steps=1
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["step"] for entry in logs] == [1, 2, 3, 4]  # no step loses its loss log
+    assert all(entry["steering/weight_mean"] == 1.0 and entry["steering/weight_ess"] == 1.0 for entry in logs)
+    if "mix" in steering:
+        assert all(abs(sum(entry[f"steering/p_{d}"] for d in ("alpha", "beta", "gamma")) - 1) < 1e-6 for entry in logs)

@@ -244,7 +244,9 @@ class SteeringMixin:
         trainer._set_signature_columns_if_needed()
         if INDEX_KEY not in trainer._signature_columns:
             trainer._signature_columns.append(INDEX_KEY)
-        trainer.add_callback(SteeringCallback(self))
+        # First in line: its on_log adds the steering numbers to the logs before the reporting
+        # callbacks (TensorBoard, W&B, ...) see them.
+        trainer.callback_handler.callbacks.insert(0, SteeringCallback(self))
 
     # -- overrides --------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
@@ -337,6 +339,7 @@ class SteeringCallback(TrainerCallback):
 
     def __init__(self, trainer: SteeringMixin) -> None:
         self.trainer = trainer
+        self._pending: dict[str, float] = {}
 
     def _ops(self, kwargs: dict[str, Any]) -> Any:
         loader = kwargs.get("train_dataloader")
@@ -387,20 +390,38 @@ class SteeringCallback(TrainerCallback):
             torch.save(payload, folder / STATE_FILE)
 
     def _publish(self, events: list[dict[str, Any]], args: Any, state: Any) -> None:
-        """Send each event's numbers through the Trainer's ``log`` (TensorBoard, W&B, ...)."""
+        """Keep each event's numbers for the Trainer's logs (see :meth:`on_log`).
+
+        Not logged here: a ``log`` call inside ``on_step_end`` would make the Trainer skip its
+        own loss / learning-rate log of that step.
+        """
         for event in events:
-            logs: dict[str, float] = {"steering/seconds": float(event["seconds"])}
-            if "proportions" in event:
-                logs.update({f"steering/p_{k}": float(v) for k, v in event["proportions"].items()})
-                for key, value in event.items():  # per-domain statistics behind the update
-                    if key != "proportions" and key != "served" and isinstance(value, dict):
-                        logs.update({f"steering/{key}_{k}": float(v) for k, v in value.items()})
-            if "selected" in event:
-                logs.update({"steering/selected": float(event["selected"]), "steering/unique": float(event["unique"])})
-            if "weight_mean" in event:
-                every = max(1, int(args.logging_steps)) if args.logging_steps >= 1 else 1
-                if state.global_step % every:
+            prefix = f"steering/{event['paradigm']}"
+            self._pending[f"{prefix}_seconds"] = float(event["seconds"])
+            for key, value in event.items():
+                if key in (
+                    "step",
+                    "paradigm",
+                    "algorithm",
+                    "served",
+                    "seconds",
+                    "digest",
+                    "update",
+                    "first_step",
+                    "last_step",
+                ):
                     continue
-                logs.update({f"steering/{k}": float(event[k]) for k in ("weight_mean", "weight_min", "weight_max")})
-            trainer: Any = self.trainer
-            trainer.log(logs)
+                if isinstance(value, dict):  # per-domain numbers: proportions, statistics, quotas
+                    name = "p" if key == "proportions" else key
+                    self._pending.update({f"steering/{name}_{k}": float(v) for k, v in value.items()})
+                elif isinstance(value, int | float) and not isinstance(value, bool):
+                    self._pending[f"steering/{key}"] = float(value)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        """Add the latest steering numbers to the Trainer's own training log (its loggers and
+        ``state.log_history``): every log line carries the newest decision of each stage."""
+        if logs is None or not self._pending or not any(k in logs for k in ("loss", "train_loss")):
+            return
+        logs.update(self._pending)
+        if state.log_history:
+            state.log_history[-1].update(self._pending)
