@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
-from tests.fakes import FakeOps
 
 from datasteer.errors import ConfigError, SteeringStateError
 from datasteer.weighters.adapt import AdaptParams, AdaptWeighter
 from datasteer.weighters.base import WeightContext
+from tests.fakes import FakeOps
 
 ANCHORS = torch.tensor([[1.0, 0.0], [0.0, 2.0]])  # normalised: e1, e2
 BATCH = torch.tensor([[3.0, 0.0], [1.0, 1.0], [0.0, -1.0]])
@@ -46,6 +46,13 @@ def test_weights_are_a_sigmoid_of_the_mean_cosine_to_the_anchors() -> None:
     torch.testing.assert_close(weighter.weigh(ctx(BATCH)), torch.tensor(raw))
     normalised = refreshed(tau=0.5, normalize=True).weigh(ctx(BATCH))
     torch.testing.assert_close(normalised, torch.tensor([3 * r / sum(raw) for r in raw]))
+
+
+def test_center_subtracts_the_batch_mean_score() -> None:
+    means = [0.5, 1 / math.sqrt(2), -0.5]
+    avg = sum(means) / 3
+    expected = [1 / (1 + math.exp(-(m - avg) / 0.5)) for m in means]
+    torch.testing.assert_close(refreshed(tau=0.5, center=True).weigh(ctx(BATCH)), torch.tensor(expected))
 
 
 def test_clip_bounds_the_raw_weights() -> None:

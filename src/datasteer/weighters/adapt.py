@@ -21,6 +21,11 @@ class AdaptParams:
 
     tau: float = doc("Temperature of the sigmoid (smaller: sharper weights).", default=1.0)
     refresh_every: int = doc("Optimizer steps between re-embeddings of the anchors with the live model.", default=50)
+    center: bool = doc(
+        "Subtract the micro-batch's mean score before the sigmoid (hidden states of small models are "
+        "anisotropic: every cosine is high, so sigmoid(score / tau) saturates and all weights are equal).",
+        default=False,
+    )
     clip: float | None = doc("Upper bound on a weight before normalising (null: none).", default=None)
     normalize: bool = doc(
         "Scale the weights to average 1 over each data-parallel micro-batch (the loss then is "
@@ -51,7 +56,8 @@ class AdaptWeighter(Weighter, UsesBatchEmbeddings, RefreshesFromModel):
     steps (once per refresh, not at every micro-step of a refresh step as the reference
     does). Each training sample's embedding comes from the hidden states of the forward
     pass that computes its loss (the reference runs a second forward). Its weight is
-    ``sigmoid(mean_a cos(x, a) / tau)``, optionally clipped at ``clip``. The step's loss is
+    ``sigmoid(mean_a cos(x, a) / tau)`` (with ``center``, the micro-batch's mean score is
+    subtracted first), optionally clipped at ``clip``. The step's loss is
     the mean ``(1/B) sum_i w_i l_i`` over its B samples (the reference sums, so its scale
     grows with the batch size), the same for any split into micro-batches and ranks; with
     ``normalize`` the weights are instead scaled to average 1 over each data-parallel
@@ -85,6 +91,8 @@ class AdaptWeighter(Weighter, UsesBatchEmbeddings, RefreshesFromModel):
             raise SteeringStateError("adapt: the batch's embeddings are missing")
         x = torch.nn.functional.normalize(ctx.embeddings.float(), dim=-1)
         score = (x @ self.anchors.t()).mean(dim=1)
+        if p.center:
+            score = score - score.mean()
         weights = torch.sigmoid(score / p.tau)
         if p.clip is not None:
             weights = weights.clamp(max=p.clip)
