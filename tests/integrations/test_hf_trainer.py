@@ -274,6 +274,34 @@ def test_resume_matches_an_uninterrupted_run(tmp_path: Path, steering: dict[str,
     )
 
 
+@pytest.mark.parametrize(
+    "steering",
+    [
+        {"paradigm": "weight", "algorithm": "loss", "warmup_steps": 2, "params": {"temperature_end": 0.5}},
+        {"paradigm": "weight", "algorithm": "adapt", "params": {"refresh_every": 3, "center": True, "tau": 0.1}},
+        {
+            "mix": {"algorithm": "random", "update_every": 2},
+            "select": {"algorithm": "random", "warmup_steps": 1, "update_every": 3},
+            "weight": {"algorithm": "loss"},
+        },
+    ],
+    ids=["loss", "adapt", "mix+select+weight"],
+)
+def test_weighted_resume_matches_an_uninterrupted_run(tmp_path: Path, steering: dict[str, Any]) -> None:
+    anchors = make_dataset((2, 2, 2), seed=5)
+    full = run(tmp_path / "full", steering, max_steps=9, save_steps=4, eval_dataset=anchors)
+    part = tmp_path / "part"
+    run(part, steering, max_steps=9, save_steps=4, callbacks=[StopAt(6)], eval_dataset=anchors)
+    resumed = run(part, steering, max_steps=9, save_steps=4, resume=str(part / "checkpoint-4"), eval_dataset=anchors)
+    records = without_seconds(read_records(tmp_path / "full" / "steering.jsonl"))
+    assert without_seconds(read_records(part / "steering.jsonl")) == records
+    assert any("weight_min" in r and r["weight_min"] < r["weight_max"] for r in records)
+    full_served = full.served()
+    assert {s: full_served[s] for s in range(5, 10)} == resumed.served()
+    for a, b in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_prefetching_workers_get_enough_lag_and_too_little_is_an_error(tmp_path: Path) -> None:
     steering = {"paradigm": "mix", "algorithm": "random", "update_every": 1}
     # Two workers prefetch 2 x 2 micro-batches: the automatic lag covers them ...
