@@ -34,10 +34,11 @@ def _overrides(output_dir: Path, steps: int) -> list[str]:
     ]
 
 
-def _train(config: Path, output_dir: Path, steps: int) -> dict[str, float]:
+def train_run(config: Path, output_dir: Path, steps: int, extra: list[str] | None = None) -> dict[str, float]:
+    """``datasteer train CONFIG`` in a subprocess with per-domain evaluation; its eval metrics."""
     output_dir.mkdir(parents=True, exist_ok=True)
     log = output_dir.parent / f"{output_dir.name}.log"
-    cmd = [sys.executable, "-m", "datasteer", "train", str(config), *_overrides(output_dir, steps)]
+    cmd = [sys.executable, "-m", "datasteer", "train", str(config), *_overrides(output_dir, steps), *(extra or [])]
     started = time.perf_counter()
     print(f"  training {config.name} -> {output_dir} (log: {log}) ...", flush=True)
     with log.open("w") as fh:
@@ -79,8 +80,8 @@ def run_quickstart(output_dir: Path, steps: int, mixer: str) -> int:
         raise ConfigError(f"--steps: must be >= 1, got {steps}")
     print(f"datasteer quickstart: {steps} steps each, tiny Llama on the built-in corpus")
     results = {
-        mixer: _train(dynamic, output_dir / f"mix_{mixer}", steps),
-        "static uniform": _train(static, output_dir / "mix_static", steps),
+        mixer: train_run(dynamic, output_dir / f"mix_{mixer}", steps),
+        "static uniform": train_run(static, output_dir / "mix_static", steps),
     }
     print("\nHeld-out loss per domain (lower is better; difference = dynamic - static):")
     print(format_table(results))
