@@ -25,6 +25,8 @@ MINIMAL_PARAMS: dict[tuple[str, str], dict[str, Any]] = {
     ("mix", "doremi"): {"reference_model": "outputs/doremi/reference"},
     ("select", "tsds"): {"prepared": "outputs/prepared/tsds"},
     ("select", "custom"): {"path": "datasteer.selectors.random:RandomSelector"},
+    ("weight", "custom"): {"path": "datasteer.weighters.uniform:UniformWeighter"},
+    ("weight", "reducible"): {"reference_model": "outputs/doremi/reference"},
 }
 
 BASES = {"select": Selector, "mix": Mixer, "weight": Weighter}

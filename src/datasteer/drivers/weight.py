@@ -84,6 +84,7 @@ class WeightDriver(Driver[Weighter]):
             generator=torch_generator(self.run.seed, "weight", step, self._micro),
             embeddings=embeddings,
             reference_losses=reference,
+            domain_names=self.run.domain_names,
         )
         self._micro += 1
         weights = torch.as_tensor(self.algorithm.weigh(ctx)).detach().double().cpu()

@@ -36,6 +36,7 @@ class WeightContext:
         losses: token-mean loss of each sample, detached, ``(n,)``.
         indices: pool index of each sample, ``(n,)``.
         domains: domain id of each sample, ``(n,)``.
+        domain_names: names of the domain ids.
         generator: the only source of randomness, seeded from (seed, step, micro-step).
         embeddings: pooled hidden states of the training forward pass, ``(n, h)``
             (only for a :class:`UsesBatchEmbeddings` weighter).
@@ -51,6 +52,7 @@ class WeightContext:
     generator: torch.Generator
     embeddings: torch.Tensor | None = None
     reference_losses: torch.Tensor | None = None
+    domain_names: tuple[str, ...] = ()
 
 
 class Weighter(Algorithm[Any]):
