@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from datasteer.mixers.base import MixContext
+from datasteer.ops.protocol import NO_MODEL, ModelOperations
 from datasteer.rng import torch_generator
 from datasteer.selectors.base import SelectContext
+from datasteer.weighters.base import WeightContext
 
 VOCAB = 64
 SEQ = 12
@@ -55,24 +59,33 @@ def select_context(
     *,
     num_samples: int,
     pool_size: int | None = None,
-    ops: object = None,
+    ops: ModelOperations = NO_MODEL,
     update: int = 0,
     total_updates: int = 1,
     seed: int = 0,
-    domains: torch.Tensor | list[int] | None = None,
+    domains: torch.Tensor | np.ndarray | list[int] | None = None,
     names: tuple[str, ...] = ("x",),
+    step: int = 0,
+    first_step: int = 1,
+    last_step: int = 1,
+    max_steps: int = 10,
 ) -> SelectContext:
-    """A selection context for unit tests, generator seeded by (seed, update); one domain
-    unless ``domains`` (a domain id per pool sample, naming ``names``) are given."""
+    """A selection context for unit tests, generator seeded by (seed, update).
+
+    The pool is one domain of ``pool_size`` samples (default: the rows of ``ops.dataset``)
+    unless ``domains`` (a domain id per pool sample, naming ``names``) are given.
+    """
     if domains is None:
-        assert pool_size is not None, "give pool_size or domains"
+        if pool_size is None:
+            assert ops is not NO_MODEL, "give pool_size, domains or ops"
+            pool_size = len(ops.dataset)
         domains = torch.zeros(pool_size, dtype=torch.long)
     domains = torch.as_tensor(domains, dtype=torch.long)
     return SelectContext(
-        step=0,
-        first_step=1,
-        last_step=1,
-        max_steps=10,
+        step=step,
+        first_step=first_step,
+        last_step=last_step,
+        max_steps=max_steps,
         update=update,
         domain_names=names,
         generator=torch_generator(seed, "select", update),
@@ -80,7 +93,7 @@ def select_context(
         num_samples=num_samples,
         pool_size=len(domains),
         domains=domains,
-        ops=ops,  # type: ignore[arg-type]
+        ops=ops,
     )
 
 
@@ -95,7 +108,7 @@ def mix_context(
     max_steps: int = 100,
     names: tuple[str, ...] | None = None,
     sizes: tuple[int, ...] | None = None,
-    ops: object = None,
+    ops: ModelOperations = NO_MODEL,
     domains: torch.Tensor | None = None,
 ) -> MixContext:
     """A mixing context for unit tests: K domains (uniform proportions), generator seeded by (seed, update)."""
@@ -114,8 +127,42 @@ def mix_context(
         proportions=torch.full((len(names),), 1.0 / len(names), dtype=torch.float64),
         domains=domains,
         generator=torch_generator(seed, "mix", update),
-        ops=ops,  # type: ignore[arg-type]
+        ops=ops,
     )
+
+
+def weight_context(
+    losses: torch.Tensor,
+    *,
+    indices: torch.Tensor | None = None,
+    domains: torch.Tensor | None = None,
+    step: int = 1,
+    max_steps: int = 10,
+    seed: int = 0,
+    names: tuple[str, ...] = (),
+    embeddings: torch.Tensor | None = None,
+    reference_losses: torch.Tensor | None = None,
+) -> WeightContext:
+    """A weighting context for unit tests: one micro-batch with these per-sample losses
+    (pool indices 0..b-1 and domain 0 unless given; ``names`` names the domain ids),
+    generator seeded by (seed, step)."""
+    b = len(losses)
+    return WeightContext(
+        step=step,
+        max_steps=max_steps,
+        losses=losses,
+        indices=indices if indices is not None else torch.arange(b),
+        domains=domains if domains is not None else torch.zeros(b, dtype=torch.long),
+        generator=torch_generator(seed, "weight", step),
+        embeddings=embeddings,
+        reference_losses=reference_losses,
+        domain_names=names,
+    )
+
+
+def without_seconds(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Steering records without their wall-clock ``seconds``, for comparing two runs."""
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
 
 
 def make_moe_model(seed: int = 0, *, kind: str = "qwen2_moe", layers: int = 3) -> torch.nn.Module:

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from transformers import LlamaForCausalLM
 
 from datasteer.errors import ConfigError, SteeringStateError
 from datasteer.prepare import build_index, prepare_selection, search, tsds_from_embeddings
-from datasteer.selectors.base import SelectContext
 from datasteer.selectors.near import NearParams, NearSelector
 from datasteer.selectors.tsds import TsdsParams, TsdsSelector
 from tests.factories import DOMAINS, make_dataset, make_model, select_context, tiny_config
+from tests.fakes import FakeOps
 
 
 def unit(degrees: np.ndarray) -> np.ndarray:
@@ -54,12 +55,9 @@ def pool_and_targets() -> tuple[Any, Any, np.ndarray]:
     return pool, targets, ids
 
 
-def context(pool: Any, targets: Any, ids: np.ndarray, n: int, update: int = 0, model: Any = None) -> SelectContext:
-    model = model if model is not None else make_model()
-    ops = SimpleNamespace(model=model, dataset=pool, targets=[SimpleNamespace(dataset=targets)])
-    return select_context(
-        num_samples=n, domains=torch.from_numpy(ids), names=DOMAINS, update=update, total_updates=2, ops=ops
-    )
+def fake_ops(pool: Any, targets: Any, model: nn.Module | None = None) -> FakeOps:
+    """The pool and target rows an online selector fingerprints; the model is read for its architecture."""
+    return FakeOps(dataset=pool, targets=[FakeOps(dataset=targets)], model=model or make_model())
 
 
 def run_prepare(kind: str, params: Any, pool: Any, targets: Any, ids: np.ndarray) -> Path:
@@ -73,12 +71,16 @@ def test_tsds_prepare_writes_probabilities_the_selector_uses(tmp_path: Path) -> 
     params = TsdsParams(prepared=str(tmp_path / "tsds"), neighbours=16, kde_neighbours=8)
     meta = run_prepare("tsds", params, pool, targets, ids)
     assert meta.name == "tsds.json" and (meta.parent / "tsds.safetensors").is_file()
-    chosen = TsdsSelector(params).select(context(pool, targets, ids, 12))
+    chosen = TsdsSelector(params).select(
+        select_context(ops=fake_ops(pool, targets), num_samples=12, domains=ids, names=DOMAINS)
+    )
     assert len(chosen) == 12 and len(set(chosen.tolist())) == 12
     # Targets come from the third domain's vocabulary band: their neighbours do too.
     assert (ids[chosen.numpy()] == 2).mean() > 0.5
     # Deterministic preparation: the same inputs give the same file content.
-    again = TsdsSelector(params).select(context(pool, targets, ids, 12))
+    again = TsdsSelector(params).select(
+        select_context(ops=fake_ops(pool, targets), num_samples=12, domains=ids, names=DOMAINS)
+    )
     assert torch.equal(chosen, again)
 
 
@@ -86,30 +88,29 @@ def test_changed_pool_or_settings_make_the_selector_refuse(tmp_path: Path) -> No
     pool, targets, ids = pool_and_targets()
     params = TsdsParams(prepared=str(tmp_path), neighbours=16, kde_neighbours=8)
     run_prepare("tsds", params, pool, targets, ids)
-    other_pool = make_dataset((40, 24, 16), seed=5)
-    with pytest.raises(SteeringStateError, match="another pool or other settings"):
-        TsdsSelector(params).select(context(other_pool, targets, ids, 4))
-    changed = TsdsParams(prepared=str(tmp_path), neighbours=16, kde_neighbours=8, alpha=0.3)
-    with pytest.raises(SteeringStateError, match="datasteer prepare tsds"):
-        TsdsSelector(changed).select(context(pool, targets, ids, 4))
-    other_targets = make_dataset((0, 8, 0), seed=1)
-    with pytest.raises(SteeringStateError, match="another pool"):
-        TsdsSelector(params).select(context(pool, other_targets, ids, 4))
-    wider = LlamaForCausalLM(tiny_config(hidden_size=32))
-    with pytest.raises(SteeringStateError, match="other settings"):  # embedded by another model
-        TsdsSelector(params).select(context(pool, targets, ids, 4, model=wider))
+    cases = [
+        (params, fake_ops(make_dataset((40, 24, 16), seed=5), targets), "another pool or other settings"),
+        (replace(params, alpha=0.3), fake_ops(pool, targets), "datasteer prepare tsds"),
+        (params, fake_ops(pool, make_dataset((0, 8, 0), seed=1)), "another pool"),
+        # embedded by another model
+        (params, fake_ops(pool, targets, LlamaForCausalLM(tiny_config(hidden_size=32))), "other settings"),
+    ]
+    for selector_params, ops, message in cases:
+        with pytest.raises(SteeringStateError, match=message):
+            TsdsSelector(selector_params).select(select_context(ops=ops, num_samples=4, domains=ids, names=DOMAINS))
 
 
 def test_near_prepare_writes_neighbour_lists(tmp_path: Path) -> None:
     pool, targets, ids = pool_and_targets()
     params = NearParams(neighbours=4, prepared=str(tmp_path))
     run_prepare("near", params, pool, targets, ids)
+    ctx = select_context(ops=fake_ops(pool, targets), num_samples=8, domains=ids, names=DOMAINS)
     near = NearSelector(params)
-    first = near.select(context(pool, targets, ids, 8))
+    first = near.select(ctx)
     assert near.neighbours is not None and tuple(near.neighbours.shape) == (8, 4)
     assert len(set(first.tolist())) == 8 and (ids[first.numpy()] == 2).mean() > 0.5
     with pytest.raises(SteeringStateError, match="datasteer prepare near"):
-        NearSelector(NearParams(neighbours=5, prepared=str(tmp_path))).select(context(pool, targets, ids, 8))
+        NearSelector(NearParams(neighbours=5, prepared=str(tmp_path))).select(ctx)
 
 
 def test_prepare_needs_targets_and_a_destination(tmp_path: Path) -> None:

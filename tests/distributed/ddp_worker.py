@@ -18,6 +18,7 @@ from tests.factories import make_dataset, make_model, make_sft_dataset
 from transformers import TrainingArguments, default_data_collator
 
 from datasteer.hf import SteeringTrainer
+from datasteer.mixers.base import ShapesDomainLoss
 from datasteer.ops import INDEX_KEY
 
 STEERING = {
@@ -128,7 +129,8 @@ def main() -> None:
     trainer.train()
     ctl = trainer.steering
     plans = [(s, p.tolist() if p is not None else None) for s, p in ctl.sampler._plans] if ctl.sampler else []
-    learned = ctl.algorithm.learned_proportions() if paradigm == "doremi" else None
+    mixer = ctl.plan.mixer
+    learned = mixer.learned_proportions() if isinstance(mixer, ShapesDomainLoss) else None
     record = {"trained": trainer.trained, "plans": plans, "learned": learned.tolist() if learned is not None else None}
     finish(out, record)
 

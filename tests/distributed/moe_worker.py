@@ -18,6 +18,7 @@ from tests.factories import DOMAINS, make_dataset, make_moe_model
 from transformers import default_data_collator
 
 from datasteer.hf import SteeringTrainer
+from datasteer.mixers.dynamic_moe import DynamicMoEMixer
 
 
 def main() -> None:
@@ -48,7 +49,8 @@ def main() -> None:
     )
     trainer.train()
     ctl = trainer.steering
-    mixer = ctl.algorithm
+    mixer = ctl.plan.mixer
+    assert isinstance(mixer, DynamicMoEMixer)
     record = {
         "plans": [(s, p.tolist()) for s, p in ctl.sampler._plans],
         "history": mixer.history,

@@ -2,43 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 import torch
+from tests.distributed.launch import WORKERS, launch, read_ranks
+from tests.factories import make_model, without_seconds
 
 from datasteer.runlog import read_records
 
-WORKER = Path(__file__).with_name("ddp_worker.py")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def launch(out: Path, paradigm: str, nproc: int, **extra_env: str) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **extra_env}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        str(nproc),
-        "--master-port",
-        str(free_port()),
-    ]
-    if nproc == 1:
-        cmd = [sys.executable]
-    proc = subprocess.run([*cmd, str(WORKER), str(out), paradigm], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+WORKER = WORKERS / "ddp_worker.py"
 
 
 def per_step(record: dict) -> dict[int, list[int]]:
@@ -51,11 +25,9 @@ def per_step(record: dict) -> dict[int, list[int]]:
 @pytest.mark.slow
 @pytest.mark.parametrize("paradigm", ["mix", "select"])
 def test_two_ranks_agree_and_match_one_process(tmp_path: Path, paradigm: str) -> None:
-    launch(tmp_path / "one", paradigm, 1)
-    launch(tmp_path / "two", paradigm, 2)
-    single = json.loads((tmp_path / "one" / "rank0.json").read_text())
-    r0 = json.loads((tmp_path / "two" / "rank0.json").read_text())
-    r1 = json.loads((tmp_path / "two" / "rank1.json").read_text())
+    launch(WORKER, tmp_path / "one", paradigm, nproc=1)
+    launch(WORKER, tmp_path / "two", paradigm, nproc=2)
+    (single,), (r0, r1) = read_ranks(tmp_path / "one", 1), read_ranks(tmp_path / "two", 2)
     # Identical plans (proportions / selections) on both ranks, equal to the 1-process run.
     assert r0["plans"] == r1["plans"] == single["plans"]
     # The ranks train disjoint shares of each step whose union is the 1-process step.
@@ -64,8 +36,7 @@ def test_two_ranks_agree_and_match_one_process(tmp_path: Path, paradigm: str) ->
     for step in one:
         assert sorted(a[step] + b[step]) == sorted(one[step]), step
     # The event record (rank 0 writes it) matches too, timings aside.
-    strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
-    assert strip(read_records(tmp_path / "two" / "steering.jsonl")) == strip(
+    assert without_seconds(read_records(tmp_path / "two" / "steering.jsonl")) == without_seconds(
         read_records(tmp_path / "one" / "steering.jsonl")
     )
 
@@ -73,10 +44,9 @@ def test_two_ranks_agree_and_match_one_process(tmp_path: Path, paradigm: str) ->
 @pytest.mark.slow
 def test_odm_proportions_are_identical_on_both_ranks(tmp_path: Path) -> None:
     """ODM learns from losses: each rank sees only its share, the all-reduced statistics agree."""
-    launch(tmp_path / "two", "odm", 2)
-    launch(tmp_path / "one", "odm", 1)
-    r0 = json.loads((tmp_path / "two" / "rank0.json").read_text())
-    r1 = json.loads((tmp_path / "two" / "rank1.json").read_text())
+    launch(WORKER, tmp_path / "two", "odm", nproc=2)
+    launch(WORKER, tmp_path / "one", "odm", nproc=1)
+    r0, r1 = read_ranks(tmp_path / "two", 2)
     assert r0["plans"] == r1["plans"]
     records = read_records(tmp_path / "two" / "steering.jsonl")
     assert len(records) == 7 and len({tuple(r["proportions"].values()) for r in records}) > 1
@@ -90,14 +60,10 @@ def test_odm_proportions_are_identical_on_both_ranks(tmp_path: Path) -> None:
 def test_doremi_weights_are_identical_on_both_ranks(tmp_path: Path) -> None:
     """DoReMi's excess losses are all-reduced before each weight update: both ranks hold the
     same domain weights, equal (up to float summation order) to one process's."""
-    from tests.factories import make_model
-
     make_model(seed=1).save_pretrained(tmp_path / "ref")
-    launch(tmp_path / "two", "doremi", 2, DATASTEER_TEST_REFERENCE=str(tmp_path / "ref"))
-    launch(tmp_path / "one", "doremi", 1, DATASTEER_TEST_REFERENCE=str(tmp_path / "ref"))
-    r0, r1, single = (
-        json.loads((tmp_path / d / f"rank{r}.json").read_text()) for d, r in (("two", 0), ("two", 1), ("one", 0))
-    )
+    launch(WORKER, tmp_path / "two", "doremi", nproc=2, DATASTEER_TEST_REFERENCE=str(tmp_path / "ref"))
+    launch(WORKER, tmp_path / "one", "doremi", nproc=1, DATASTEER_TEST_REFERENCE=str(tmp_path / "ref"))
+    (r0, r1), (single,) = read_ranks(tmp_path / "two", 2), read_ranks(tmp_path / "one", 1)
     assert r0["learned"] == r1["learned"] and r0["learned"] != pytest.approx([1 / 3] * 3)
     assert r0["learned"] == pytest.approx(single["learned"], abs=1e-6)
     two = read_records(tmp_path / "two" / "steering.jsonl")
@@ -110,17 +76,8 @@ def test_doremi_weights_are_identical_on_both_ranks(tmp_path: Path) -> None:
 def test_sharded_model_operations_equal_one_process(tmp_path: Path) -> None:
     """Each rank computes its share; the gathered losses, embeddings and gradient features
     are the same on both ranks and equal the 1-process result."""
-    worker = Path(__file__).with_name("ops_worker.py")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    one = subprocess.run(
-        [sys.executable, str(worker), str(tmp_path / "one")], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert one.returncode == 0, one.stderr[-3000:]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
-    two = subprocess.run(
-        [*cmd, str(worker), str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert two.returncode == 0, two.stderr[-3000:]
+    launch(WORKERS / "ops_worker.py", tmp_path / "one", nproc=1)
+    launch(WORKERS / "ops_worker.py", tmp_path / "two", nproc=2)
     single = torch.load(tmp_path / "one.rank0")
     ranks = [torch.load(tmp_path / f"two.rank{r}") for r in (0, 1)]
     for key, value in single.items():
@@ -136,11 +93,9 @@ def test_model_based_selections_agree_across_ranks(tmp_path: Path, paradigm: str
     initial weights, so it equals the 1-process selection exactly; later ones come from
     weights that DDP's gradient averaging changed in the last float bits, so near-ties may
     order differently and they are compared by overlap."""
-    launch(tmp_path / "one", paradigm, 1)
-    launch(tmp_path / "two", paradigm, 2)
-    single = json.loads((tmp_path / "one" / "rank0.json").read_text())["plans"]
-    r0 = json.loads((tmp_path / "two" / "rank0.json").read_text())["plans"]
-    r1 = json.loads((tmp_path / "two" / "rank1.json").read_text())["plans"]
+    launch(WORKER, tmp_path / "one", paradigm, nproc=1)
+    launch(WORKER, tmp_path / "two", paradigm, nproc=2)
+    single, r0, r1 = (r["plans"] for r in [*read_ranks(tmp_path / "one", 1), *read_ranks(tmp_path / "two", 2)])
     assert r0 == r1
     assert [s for s, _ in r0] == [s for s, _ in single] == [1, 2, 5]  # warm-up, then updates 0 and 1
     r0, single = r0[1:], single[1:]

@@ -4,38 +4,20 @@ same proportions, equal to one process."""
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from tests.distributed.launch import WORKERS, launch, read_ranks
 
-WORKER = Path(__file__).with_name("moe_worker.py")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def launch(out: Path, source: str, nproc: int) -> list[dict]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port"]
-    cmd = [*cmd, str(free_port())] if nproc > 1 else [sys.executable]
-    proc = subprocess.run([*cmd, str(WORKER), str(out), source], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
+WORKER = WORKERS / "moe_worker.py"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["pool", "eval"])
 def test_dynamic_moe_proportions_are_identical_on_both_ranks(tmp_path: Path, source: str) -> None:
-    r0, r1 = launch(tmp_path / "two", source, 2)
-    (single,) = launch(tmp_path / "one", source, 1)
+    launch(WORKER, tmp_path / "two", source, nproc=2)
+    launch(WORKER, tmp_path / "one", source, nproc=1)
+    (r0, r1), (single,) = read_ranks(tmp_path / "two", 2), read_ranks(tmp_path / "one", 1)
     assert r0 == r1  # plans, the mixer's history (Delta, weights) and its held-out rows
     assert r0["source"] == single["source"] == source
     assert r0["router"] is False  # frozen on every rank

@@ -4,27 +4,15 @@ processes, equal those of the plain model in one process."""
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from tests.distributed.test_ddp import free_port
+from tests.distributed.launch import WORKERS, launch
 
-WORKER = Path(__file__).with_name("zero3_worker.py")
+WORKER = WORKERS / "zero3_worker.py"
 FEATURES = ("logra", "vmap", "dense", "loop", "losses", "embeddings")
 NEEDS_DEEPSPEED = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs the deepspeed extra")
-
-
-def run(out: Path, *args: str, nproc: int = 1) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    cmd = [sys.executable]
-    if nproc > 1:
-        cmd += ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(free_port())]
-    proc = subprocess.run([*cmd, str(WORKER), str(out), *args], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 @pytest.mark.slow
@@ -36,8 +24,8 @@ def test_sharded_operations_equal_one_process(tmp_path: Path, engine: str, varia
     trained or left behind (no gradient, no optimizer state, parameters unchanged); Adam
     features are refused."""
     extra = ["lora"] if variant == "lora" else []
-    run(tmp_path / "plain", "plain", *extra)
-    run(tmp_path / engine, engine, *extra, nproc=2)
+    launch(WORKER, tmp_path / "plain", "plain", *extra, nproc=1, timeout=600, DS_ACCELERATOR="cpu")
+    launch(WORKER, tmp_path / engine, engine, *extra, nproc=2, timeout=600, DS_ACCELERATOR="cpu")
     single = torch.load(tmp_path / "plain.rank0")
     for rank in (0, 1):
         got = torch.load(tmp_path / f"{engine}.rank{rank}")

@@ -151,7 +151,9 @@ def test_weighted_loss_gradient_is_the_alpha_weighted_sum_of_domain_gradients(tm
     assert ctl is not None
     ctl.begin(max_steps=4)
     alpha = torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64)
-    ctl.algorithm.alpha = alpha.clone()  # type: ignore[attr-defined]
+    mixer = ctl.plan.mixer
+    assert isinstance(mixer, DoReMiMixer)
+    mixer.alpha = alpha.clone()
     batch = next(iter(loader))
     domains = torch.from_numpy(ctl.domains[batch[INDEX_KEY].numpy()])
     assert len(domains.unique()) >= 2
@@ -180,20 +182,16 @@ def test_proxy_run_writes_weights_that_a_static_run_reads(tmp_path: Path) -> Non
     assert all(set(r["alpha"]) == {"alpha", "beta", "gamma"} for r in records)
     assert all(v == pytest.approx(1 / 3) for r in records for v in r["proportions"].values())
     weights = json.loads((tmp_path / "proxy" / "domain_weights.json").read_text())
-    mixer = trainer.steering.algorithm  # type: ignore[union-attr]
+    assert trainer.steering is not None
+    mixer = trainer.steering.plan.mixer
+    assert isinstance(mixer, DoReMiMixer)
     assert weights["domains"] == ["alpha", "beta", "gamma"] and weights["step"] == 6
     assert weights["proportions"] == pytest.approx(mixer.learned_proportions().tolist(), abs=1e-12)
     assert weights["proportions"] != pytest.approx([1 / 3] * 3)  # the excess losses moved them
 
-    static = StaticMixer(
-        load_steering(
-            {
-                "paradigm": "mix",
-                "algorithm": "static",
-                "params": {"proportions_file": str(tmp_path / "proxy" / "domain_weights.json")},
-            }
-        ).params
-    )
+    weights_file = str(tmp_path / "proxy" / "domain_weights.json")
+    config = load_steering({"paradigm": "mix", "algorithm": "static", "params": {"proportions_file": weights_file}})
+    static = StaticMixer(config.stages["mix"].params)
     static.check_domains(("gamma", "alpha", "beta"))  # matched by name, in this run's order
     got = static.initial(mix_context(names=("gamma", "alpha", "beta"))).tolist()
     assert got == pytest.approx([weights["proportions"][2], weights["proportions"][0], weights["proportions"][1]])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from datasteer.hf import SteeringTrainer
 from datasteer.mixers.dynamic_moe import DynamicMoEMixer, DynamicMoEParams, load_distances, update_weights
 from datasteer.runlog import read_records
 from tests.factories import make_dataset, make_moe_model, mix_context
+from tests.fakes import FakeOps
 
 R2 = math.sqrt(2.0)
 #: Normalised loads (K=3 domains, 1 layer, 2 experts) seen at updates 0, 1, 2, and the
@@ -33,36 +33,34 @@ def by_hand(w: list[float], delta: list[float], eta: float, c: float) -> list[fl
     return [(1 - c) * x / sum(e) + c / len(w) for x in e]
 
 
-class FakeOps:
-    """Model operations whose expert loads are a table: every sample of domain d gets
-    ``scale * LOADS[update][d]`` counts (one layer); records which rows were measured."""
+#: Domain ids of the 15 pool rows (6, 5 and 4 rows).
+DOMAINS = torch.repeat_interleave(torch.arange(3), torch.tensor([6, 5, 4]))
 
-    def __init__(self, domains: torch.Tensor, targets: Sequence[FakeOps] = (), name: str | None = None) -> None:
-        self.domains, self.targets, self.name = domains, tuple(targets), name
-        self.dataset = list(range(len(domains)))
-        self.update, self.calls = 0, []
 
-    def expert_loads(
-        self, indices: Sequence[int] | torch.Tensor, *, top_k: int | None = None, desc: str = ""
-    ) -> torch.Tensor:
-        rows = torch.as_tensor(list(indices), dtype=torch.long)
-        self.calls.append(rows.tolist())
-        table = torch.tensor(LOADS[self.update], dtype=torch.float32) * 10
-        return table[self.domains[rows]].unsqueeze(1)  # (n, 1, 2)
+def loads(domains: torch.Tensor, updates: range) -> list[torch.Tensor]:
+    """Expert loads of rows of these domains at each update: ``10 * LOADS[update][d]`` counts
+    for every row of domain d, one layer: ``(rows, 1, 2)`` each."""
+    return [(torch.tensor(LOADS[u]) * 10)[domains].unsqueeze(1) for u in updates]
+
+
+def fake_ops(updates: range = range(3), *, evals: bool = False) -> FakeOps:
+    """The pool (DOMAINS), and with ``evals`` an 8-row eval set named after each domain."""
+    targets = [FakeOps(expert_loads=loads(torch.full((8,), d), updates), name=f"d{d}_eval") for d in range(3)]
+    return FakeOps(expert_loads=loads(DOMAINS, updates), targets=targets if evals else [])
+
+
+def rows_asked(ops: FakeOps) -> list[list[int]]:
+    return [call.indices for call in ops.calls]
 
 
 def run(
     params: dict, updates: int = 3, *, seed: int = 0, evals: bool = False
 ) -> tuple[DynamicMoEMixer, list[list[float]], FakeOps]:
     mixer = DynamicMoEMixer(parse_dataclass(DynamicMoEParams, params, "datasteer.params"))
-    domains = torch.repeat_interleave(torch.arange(3), torch.tensor([6, 5, 4]))
-    targets = [FakeOps(torch.full((8,), d), name=f"d{d}_eval") for d in range(3)] if evals else []
-    ops = FakeOps(domains, targets)
+    ops = fake_ops(range(updates), evals=evals)
     out = []
     for u in range(updates):
-        for o in (ops, *targets):
-            o.update = u
-        ctx = mix_context(k=3, update=u, seed=seed, sizes=(6, 5, 4), domains=domains, ops=ops)
+        ctx = mix_context(k=3, update=u, seed=seed, sizes=(6, 5, 4), domains=DOMAINS, ops=ops)
         out.append(mixer.update(ctx).tolist())
     return mixer, out, ops
 
@@ -106,24 +104,24 @@ def test_update_helpers() -> None:
 def test_without_eval_sets_samples_pool_rows_once_and_deterministically() -> None:
     mixer, props, ops = run({"samples_per_domain": 3, "freeze_router": False}, seed=5)
     assert mixer.source_used == "pool"
-    assert len(ops.calls) == 3 and ops.calls[0] == ops.calls[1] == ops.calls[2]  # the same rows every update
-    rows = torch.tensor(ops.calls[0])
-    domains = torch.repeat_interleave(torch.arange(3), torch.tensor([6, 5, 4]))
-    assert torch.bincount(domains[rows]).tolist() == [3, 3, 3] and len(set(rows.tolist())) == 9
+    asked = rows_asked(ops)
+    assert len(asked) == 3 and asked[0] == asked[1] == asked[2]  # the same rows every update
+    rows = torch.tensor(asked[0])
+    assert torch.bincount(DOMAINS[rows]).tolist() == [3, 3, 3] and len(set(rows.tolist())) == 9
     _, props2, ops2 = run({"samples_per_domain": 3, "freeze_router": False}, seed=5)
-    assert ops2.calls[0] == ops.calls[0] and props2 == props
+    assert rows_asked(ops2)[0] == asked[0] and props2 == props
     other = run({"samples_per_domain": 3, "freeze_router": False}, seed=6)[2]
-    assert other.calls[0] != ops.calls[0]
+    assert rows_asked(other)[0] != asked[0]
     # More rows asked for than a domain has: all of that domain's rows.
     big = run({"samples_per_domain": 100, "freeze_router": False}, updates=1)[2]
-    assert sorted(big.calls[0]) == list(range(15))
+    assert sorted(rows_asked(big)[0]) == list(range(15))
 
 
 def test_eval_sets_named_like_the_domains_are_used() -> None:
     mixer, props, ops = run({"samples_per_domain": 5, "freeze_router": False}, evals=True)
     assert mixer.source_used == "eval"
     assert ops.calls == []  # the pool is not measured
-    assert [t.calls for t in ops.targets] == [[[0, 1, 2, 3, 4]] * 3] * 3  # the first 5 rows of each eval set
+    assert [rows_asked(t) for t in ops.targets] == [[[0, 1, 2, 3, 4]] * 3] * 3  # the first 5 rows of each eval set
     w = [1 / 3] * 3
     for u in range(3):
         w = by_hand(w, DELTAS[u], 10.0, 0.05)
@@ -139,13 +137,11 @@ def test_state_round_trip_continues_exactly() -> None:
     first, _, _ = run({"eta": 3.0, "freeze_router": False}, updates=1)
     resumed = DynamicMoEMixer(parse_dataclass(DynamicMoEParams, {"eta": 3.0}, "datasteer.params"))
     resumed.load_state_dict(first.state_dict())
-    domains = torch.repeat_interleave(torch.arange(3), torch.tensor([6, 5, 4]))
-    ops = FakeOps(domains)
+    ops = fake_ops(range(1, 3))
     for u in (1, 2):
-        ops.update = u
-        ctx = mix_context(k=3, update=u, sizes=(6, 5, 4), domains=domains, ops=ops)
+        ctx = mix_context(k=3, update=u, sizes=(6, 5, 4), domains=DOMAINS, ops=ops)
         assert resumed.update(ctx).tolist() == expected[u]
-    assert ops.calls[0] == first.held_out.tolist()
+    assert rows_asked(ops)[0] == first.held_out.tolist()
     state = resumed.state_dict()
     assert set(state) == {"weights", "held_out", "source_used", "last_loads", "last_delta", "history"}
     assert [h["update"] for h in state["history"]] == [0, 1, 2]
@@ -166,14 +162,10 @@ def test_report_layers_and_params() -> None:
 
 
 def test_all_layers_representation_sums_to_one() -> None:
-    class TwoLayers(FakeOps):
-        def expert_loads(self, indices, *, top_k=None, desc=""):  # type: ignore[no-untyped-def]
-            one = super().expert_loads(indices)
-            return torch.cat([one, one.flip(-1)], dim=1)  # layer 1 mirrors layer 0
-
-    domains = torch.repeat_interleave(torch.arange(3), torch.tensor([6, 5, 4]))
+    (one,) = loads(DOMAINS, range(1))
+    two_layers = FakeOps(expert_loads=torch.cat([one, one.flip(-1)], dim=1))  # layer 1 mirrors layer 0
     mixer = DynamicMoEMixer(DynamicMoEParams(layer=None, freeze_router=False))
-    mixer.update(mix_context(k=3, sizes=(6, 5, 4), domains=domains, ops=TwoLayers(domains)))
+    mixer.update(mix_context(k=3, sizes=(6, 5, 4), domains=DOMAINS, ops=two_layers))
     assert mixer.last_loads is not None and mixer.last_loads.shape == (3, 2, 2)
     assert mixer.last_loads.sum(dim=(1, 2)).tolist() == pytest.approx([1.0, 1.0, 1.0])
     # Both layers differ by the same distances, halved and concatenated: Delta = the 1-layer Delta / sqrt(2).
@@ -226,7 +218,7 @@ def test_trains_a_tiny_moe_with_frozen_routers(tmp_path: Path) -> None:
     )
     records = [r for r in read_records(tmp_path / "steering.jsonl") if r["update"] >= 0]
     assert [r["first_step"] for r in records] == [3, 5]
-    mixer = trainer.steering.algorithm
+    mixer = trainer.steering.plan.mixer
     assert isinstance(mixer, DynamicMoEMixer) and mixer.source_used == "pool"
     assert list(records[-1]["proportions"].values()) == pytest.approx(mixer.weights.tolist(), abs=1e-8)
     assert [h["update"] for h in mixer.history] == [0, 1]

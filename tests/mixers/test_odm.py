@@ -9,7 +9,7 @@ import torch
 
 from datasteer.config import parse_dataclass
 from datasteer.errors import ConfigError
-from datasteer.mixers.base import DomainStats, MixContext
+from datasteer.mixers.base import DomainStats
 from datasteer.mixers.odm import ODMMixer, ODMParams
 from tests.factories import mix_context
 
@@ -19,10 +19,6 @@ NAMES = ("a", "b", "c")
 def stats(step: int, proportions: list[float], samples: list[float], loss_sum: list[float]) -> DomainStats:
     t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
     return DomainStats(step, t(proportions), t(samples), t(loss_sum), t(samples) * 10, t(loss_sum) * 10)
-
-
-def ctx(update: int) -> MixContext:
-    return mix_context(names=NAMES, update=update, step=update, first_step=update + 1, last_step=update + 1)
 
 
 def softmax(xs: list[float]) -> list[float]:
@@ -65,10 +61,10 @@ def test_exploration_schedule() -> None:
 def test_early_updates_are_uniform_then_follow_the_estimates() -> None:
     mixer = two_steps(ODMParams(alpha=0.9))
     for update in (0, 1, 2):  # eps_t = 1/3: all mass is exploration
-        assert mixer.update(ctx(update)).tolist() == pytest.approx([1 / 3] * 3)
+        assert mixer.update(mix_context(names=NAMES, update=update)).tolist() == pytest.approx([1 / 3] * 3)
     eps, eps_prev = math.sqrt(math.log(3) / 12), 1 / 3
     expected = [(1 - 3 * eps) * p + eps for p in softmax([eps_prev * r for r in (1.56, 0.7, 0.4)])]
-    got = mixer.update(ctx(3))
+    got = mixer.update(mix_context(names=NAMES, update=3))
     assert got.tolist() == pytest.approx(expected)
     assert float(got.sum()) == pytest.approx(1.0)
     assert got[0] > got[1] > got[2]  # the hardest domain gets the most mass
@@ -88,7 +84,7 @@ def test_state_round_trip_continues_identically() -> None:
     extra = stats(3, [0.2, 0.3, 0.5], [2, 2, 4], [1.0, 5.0, 2.0])
     a.observe(extra)
     b.observe(extra)
-    assert torch.equal(a.update(ctx(7)), b.update(ctx(7)))
+    assert torch.equal(a.update(mix_context(names=NAMES, update=7)), b.update(mix_context(names=NAMES, update=7)))
 
 
 @pytest.mark.parametrize(

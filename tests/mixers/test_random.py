@@ -7,20 +7,15 @@ import torch
 
 from datasteer.config import load_steering
 from datasteer.errors import ConfigError
-from datasteer.mixers.base import MixContext
 from datasteer.mixers.random import RandomMixer, RandomMixParams
 from tests.factories import mix_context
-
-
-def context(seed: int, update: int, k: int = 3) -> MixContext:
-    return mix_context(k=k, update=update, seed=seed, last_step=10, max_steps=10)
 
 
 @pytest.mark.parametrize("concentration", [0.1, 1.0, 10.0])
 def test_proportions_are_valid(concentration: float) -> None:
     mixer = RandomMixer(RandomMixParams(concentration=concentration))
     for update in range(5):
-        p = mixer.update(context(0, update, k=4))
+        p = mixer.update(mix_context(k=4, seed=0, update=update))
         assert p.shape == (4,) and p.dtype == torch.float64
         assert (p >= 0).all()
         assert abs(float(p.sum()) - 1.0) < 1e-12
@@ -28,13 +23,17 @@ def test_proportions_are_valid(concentration: float) -> None:
 
 def test_deterministic_for_the_same_generator_seed() -> None:
     mixer = RandomMixer(RandomMixParams())
-    assert torch.equal(mixer.update(context(7, 2)), mixer.update(context(7, 2)))
-    assert torch.equal(mixer.update(context(7, 2)), RandomMixer(RandomMixParams()).update(context(7, 2)))
+    assert torch.equal(mixer.update(mix_context(seed=7, update=2)), mixer.update(mix_context(seed=7, update=2)))
+    assert torch.equal(
+        mixer.update(mix_context(seed=7, update=2)),
+        RandomMixer(RandomMixParams()).update(mix_context(seed=7, update=2)),
+    )
 
 
 def test_different_across_updates_and_seeds() -> None:
     mixer = RandomMixer(RandomMixParams())
-    draws = [mixer.update(context(7, update)) for update in range(4)] + [mixer.update(context(8, 0))]
+    draws = [mixer.update(mix_context(seed=7, update=update)) for update in range(4)]
+    draws.append(mixer.update(mix_context(seed=8, update=0)))
     for i in range(len(draws)):
         for j in range(i + 1, len(draws)):
             assert not torch.allclose(draws[i], draws[j]), (i, j)
@@ -42,7 +41,7 @@ def test_different_across_updates_and_seeds() -> None:
 
 def test_large_concentration_stays_near_uniform() -> None:
     mixer = RandomMixer(RandomMixParams(concentration=1e6))
-    p = mixer.update(context(0, 0, k=4))
+    p = mixer.update(mix_context(k=4, seed=0, update=0))
     # Dirichlet(alpha) with K = 4 has std sqrt(p (1 - p) / (K alpha + 1)) ~ 2e-4 per coordinate.
     assert torch.allclose(p, torch.full((4,), 0.25, dtype=torch.float64), atol=5e-3)
 
@@ -50,7 +49,7 @@ def test_large_concentration_stays_near_uniform() -> None:
 def test_small_concentration_is_far_from_uniform() -> None:
     # The counterpart of the test above: concentration actually changes the draw.
     mixer = RandomMixer(RandomMixParams(concentration=0.05))
-    p = mixer.update(context(0, 0, k=4))
+    p = mixer.update(mix_context(k=4, seed=0, update=0))
     assert float((p - 0.25).abs().max()) > 0.1
 
 

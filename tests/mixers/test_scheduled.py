@@ -7,22 +7,17 @@ import torch
 
 from datasteer.config import load_steering
 from datasteer.errors import ConfigError
-from datasteer.mixers.base import MixContext
 from datasteer.mixers.scheduled import ScheduledMixer
 from tests.factories import mix_context
 
 
 def mixer(schedule: list) -> ScheduledMixer:
     config = load_steering({"paradigm": "mix", "algorithm": "scheduled", "params": {"schedule": schedule}})
-    return ScheduledMixer(config.params)
+    return ScheduledMixer(config.stages["mix"].params)
 
 
 def close(got: torch.Tensor, expected: list[float]) -> bool:
     return got.dtype == torch.float64 and torch.allclose(got, torch.tensor(expected, dtype=torch.float64), atol=1e-12)
-
-
-def context(first_step: int, k: int) -> MixContext:
-    return mix_context(k=k, step=max(0, first_step - 2), first_step=first_step, last_step=first_step + 4)
 
 
 def test_two_points() -> None:
@@ -57,8 +52,8 @@ def test_single_point_is_constant() -> None:
 
 def test_update_and_initial_use_the_first_step_they_shape() -> None:
     m = mixer([[0, [1, 0]], [10, [0, 1]]])
-    assert close(m.initial(context(1, 2)), [0.9, 0.1])
-    assert close(m.update(context(4, 2)), [0.6, 0.4])
+    assert close(m.initial(mix_context(k=2, first_step=1)), [0.9, 0.1])
+    assert close(m.update(mix_context(k=2, step=2, first_step=4)), [0.6, 0.4])
 
 
 @pytest.mark.parametrize(

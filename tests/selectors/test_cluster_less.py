@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from typing import Any
 
 import pytest
@@ -12,7 +11,6 @@ import torch
 from datasteer.config import parse_dataclass
 from datasteer.errors import ConfigError
 from datasteer.rng import torch_generator
-from datasteer.selectors.base import SelectContext
 from datasteer.selectors.cluster_less import (
     ClusterLessParams,
     ClusterLessSelector,
@@ -22,6 +20,7 @@ from datasteer.selectors.cluster_less import (
     rank_by_cluster_score,
 )
 from tests.factories import select_context
+from tests.fakes import FakeOps, live_optimizer
 
 # Two well separated groups of unit embeddings: A = {0, 2, 4} around axis 0, B = {1, 3, 5}
 # around axis 1 (cross-group cosine 0, within-group >= 0.8), so k-center with k = 2 finds them.
@@ -57,33 +56,11 @@ C22 = math.cos(math.pi / 8)  # cos 22.5 deg = 0.9239
 S22 = math.sin(math.pi / 8)  # sin 22.5 deg = 0.3827
 
 
-class FakeTarget:
-    def __init__(self, features: torch.Tensor) -> None:
-        self.features = features
-        self.dataset = list(range(len(features)))
-
-    def gradient_features(self, indices: Iterable[int], config: object, optimizer: object = None) -> torch.Tensor:
-        return self.features[torch.as_tensor(list(indices))]
-
-
-class FakeOps:
-    def __init__(self, *target_sets: torch.Tensor) -> None:
-        self.targets = tuple(FakeTarget(t) for t in target_sets)
-        self.optimizer = "live-optimizer"
-        self.asked: list[tuple[list[int], object]] = []
-        self.embedded = 0
-
-    def embeddings(self, indices: torch.Tensor, *, layer: int = -1, pooling: str = "mean") -> torch.Tensor:
-        self.embedded += 1
-        return EMB[torch.as_tensor(indices)]
-
-    def gradient_features(self, indices: torch.Tensor, config: object, optimizer: object = None) -> torch.Tensor:
-        self.asked.append((torch.as_tensor(indices).tolist(), optimizer))
-        return GRADS[torch.as_tensor(indices)]
-
-
-def ctx(ops: FakeOps, n: int, update: int = 0, seed: int = 0) -> SelectContext:
-    return select_context(ops=ops, num_samples=n, pool_size=len(EMB), update=update, seed=seed)
+def fake_ops(*target_sets: torch.Tensor) -> FakeOps:
+    """The pool's embeddings are EMB and its gradient features GRADS; each target set's
+    gradient features are the given rows."""
+    targets = [FakeOps(gradients=t) for t in target_sets]
+    return FakeOps(embeddings=EMB, gradients=GRADS, targets=targets, optimizer=live_optimizer())
 
 
 def selector(**params: Any) -> ClusterLessSelector:
@@ -143,22 +120,22 @@ def test_cluster_feature_is_the_renormalised_mean_of_unit_features() -> None:
     ],
 )
 def test_cluster_scores_by_hand(pick: str, targets: list, expected: list[float]) -> None:
-    ops = FakeOps(*[torch.tensor(t) for t in targets])
-    scores = selector(pick=pick, representatives=2).cluster_scores(ctx(ops, 4))
+    ops = fake_ops(*[torch.tensor(t) for t in targets])
+    scores = selector(pick=pick, representatives=2).cluster_scores(select_context(ops=ops, num_samples=4))
     torch.testing.assert_close(scores, torch.tensor(expected), atol=1e-6, rtol=0)
 
 
 def test_every_member_inherits_its_cluster_score_and_whole_clusters_fill_first() -> None:
-    ops = FakeOps(torch.tensor([[1.0, 0.0]]))  # nearest: A 0.707 < B 0.924
+    ops = fake_ops(torch.tensor([[1.0, 0.0]]))  # nearest: A 0.707 < B 0.924
     sel = selector(pick="nearest", representatives=2)
-    chosen = sel.select(ctx(ops, 4))
+    chosen = sel.select(select_context(ops=ops, num_samples=4))
     assert sel.labels is not None and sel.labels.tolist() == LABELS.tolist()
     assert set(chosen[:3].tolist()) == {1, 3, 5} and int(chosen[3]) in {0, 2, 4}
-    (asked, optimizer) = ops.asked[0]
-    assert asked == [0, 2, 3, 1] and optimizer == "live-optimizer"  # 2 reps per cluster, Adam-aware
-    assert selector(adam=False).select(ctx(FakeOps(torch.ones(1, 2)), 2)).numel() == 2
+    (call,) = ops.calls_to("gradient_features")
+    assert call.indices == [0, 2, 3, 1] and call.options["optimizer"] is ops.optimizer  # 2 reps per cluster, Adam-aware
+    assert selector(adam=False).select(select_context(ops=fake_ops(torch.ones(1, 2)), num_samples=2)).numel() == 2
     # asking for more than the pool returns the pool, best cluster first
-    everything = selector().select(ctx(FakeOps(torch.tensor([[1.0, 0.0]])), 10))
+    everything = selector().select(select_context(ops=fake_ops(torch.tensor([[1.0, 0.0]])), num_samples=10))
     assert set(everything[:3].tolist()) == {1, 3, 5} and sorted(everything.tolist()) == list(range(6))
 
 
@@ -179,29 +156,33 @@ def test_ties_between_clusters_go_by_label_and_members_by_a_seeded_order() -> No
 
 def test_deterministic_for_a_fixed_seed() -> None:
     def run(seed: int) -> list[int]:
-        ops = FakeOps(torch.tensor([[1.0, 0.0]]))
-        return selector(pick="random", representatives=1).select(ctx(ops, 4, seed=seed)).tolist()
+        ops = fake_ops(torch.tensor([[1.0, 0.0]]))
+        return (
+            selector(pick="random", representatives=1)
+            .select(select_context(ops=ops, num_samples=4, seed=seed))
+            .tolist()
+        )
 
     assert run(5) == run(5)
 
 
 def test_clusters_once_and_state_round_trip() -> None:
-    ops = FakeOps(torch.tensor([[1.0, 0.0]]))
+    ops = fake_ops(torch.tensor([[1.0, 0.0]]))
     sel = selector()
-    first = sel.select(ctx(ops, 4, update=0))
-    second = sel.select(ctx(ops, 4, update=1))
-    assert ops.embedded == 1 and set(first[:3].tolist()) == set(second[:3].tolist()) == {1, 3, 5}
+    first = sel.select(select_context(ops=ops, num_samples=4, update=0))
+    second = sel.select(select_context(ops=ops, num_samples=4, update=1))
+    assert len(ops.calls_to("embeddings")) == 1 and set(first[:3].tolist()) == set(second[:3].tolist()) == {1, 3, 5}
     state = sel.state_dict()
     assert state["labels"].tolist() == LABELS.tolist() and state["order"].tolist() == ORDER
     fresh = selector()
     fresh.load_state_dict(state)
-    again = fresh.select(ctx(ops, 4, update=1))
-    assert ops.embedded == 1 and torch.equal(again, second)  # no re-clustering after a resume
+    again = fresh.select(select_context(ops=ops, num_samples=4, update=1))
+    assert len(ops.calls_to("embeddings")) == 1 and torch.equal(again, second)  # no re-clustering after a resume
 
 
 def test_needs_targets() -> None:
     with pytest.raises(ConfigError, match="evaluation set"):
-        selector().select(ctx(FakeOps(), 3))
+        selector().select(select_context(ops=fake_ops(), num_samples=3))
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,6 @@ import torch
 from datasteer.config import load_steering, parse_dataclass
 from datasteer.errors import ConfigError
 from datasteer.registry import SELECTORS
-from datasteer.selectors.base import SelectContext
 from datasteer.selectors.custom import CustomParams, CustomSelector, load_selector_class
 from datasteer.selectors.random import RandomSelector
 from tests.factories import select_context
@@ -84,10 +83,6 @@ def user_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def context(num_samples: int, domains: list[int], names: tuple[str, ...], update: int = 0) -> SelectContext:
-    return select_context(num_samples=num_samples, domains=domains, names=names, update=update, total_updates=2)
-
-
 def parse(raw: dict) -> CustomParams:
     return parse_dataclass(CustomParams, raw, "datasteer.params")
 
@@ -99,7 +94,7 @@ def test_loads_by_module_dotted_or_file_path(user_dir: Path, path: str) -> None:
     params = parse({"path": path, "params": {"offset": 2}})
     selector = SELECTORS.build("custom", params)
     assert isinstance(selector, CustomSelector) and type(selector.inner).__name__ == "FirstSelector"
-    assert selector.select(context(3, [0] * 8, ("x",))).tolist() == [2, 3, 4]
+    assert selector.select(select_context(num_samples=3, pool_size=8)).tolist() == [2, 3, 4]
 
 
 def test_builtin_class_by_dotted_path() -> None:
@@ -110,8 +105,8 @@ def test_builtin_class_by_dotted_path() -> None:
 def test_delegates_state_needs_model_and_prepare_model(user_dir: Path) -> None:
     selector = CustomSelector(parse({"path": "user_sel_mod.py:FirstSelector"}))
     assert selector.needs_model is True  # the user's class asks for the model; the controller reads this
-    selector.select(context(1, [0, 0], ("x",)))
-    selector.select(context(1, [0, 0], ("x",)))
+    selector.select(select_context(num_samples=1, pool_size=2))
+    selector.select(select_context(num_samples=1, pool_size=2))
     assert selector.state_dict() == {"calls": 2}
     fresh = CustomSelector(parse({"path": "user_sel_mod.py:FirstSelector"}))
     fresh.load_state_dict(selector.state_dict())
@@ -158,24 +153,25 @@ NAMES = ("a", "b", "c")
 
 def test_template_takes_equal_shares_and_continues_across_updates() -> None:
     selector = template({"domains": ["a", "c"]})
-    first = selector.select(context(5, DOMAINS, NAMES, update=0))
+    first = selector.select(select_context(num_samples=5, domains=DOMAINS, names=NAMES, update=0))
     # a gets ceil(5/2) = 3 (all of it), c gets 2 of its 4
     assert sorted(first[:3].tolist()) == [0, 1, 2] and set(first[3:].tolist()) <= {5, 6, 7, 8}
-    second = selector.select(context(5, DOMAINS, NAMES, update=1))
+    second = selector.select(select_context(num_samples=5, domains=DOMAINS, names=NAMES, update=1))
     assert second[:3].tolist() == first[:3].tolist()  # a wrapped around its fixed order
     assert sorted([*first[3:].tolist(), *second[3:].tolist()]) == [5, 6, 7, 8]  # c continued, no repeat
     state = selector.state_dict()
     assert state["cursors"] == [0, 0]
     fresh = template({"domains": ["a", "c"]})
     fresh.load_state_dict(state)
-    assert torch.equal(fresh.select(context(5, DOMAINS, NAMES, 2)), selector.select(context(5, DOMAINS, NAMES, 2)))
+    ctx_a, ctx_b = (select_context(num_samples=5, domains=DOMAINS, names=NAMES, update=2) for _ in "ab")
+    assert torch.equal(fresh.select(ctx_a), selector.select(ctx_b))
 
 
 def test_template_all_domains_and_errors() -> None:
-    chosen = template({}).select(context(6, DOMAINS, NAMES))
+    chosen = template({}).select(select_context(num_samples=6, domains=DOMAINS, names=NAMES))
     assert torch.bincount(torch.tensor(DOMAINS)[chosen], minlength=3).tolist() == [2, 2, 2]
     assert template({}).needs_model is False
     with pytest.raises(ConfigError, match="domains: unknown \\['z'\\]"):
-        template({"domains": ["z"]}).select(context(2, DOMAINS, NAMES))
+        template({"domains": ["z"]}).select(select_context(num_samples=2, domains=DOMAINS, names=NAMES))
     with pytest.raises(ConfigError, match="domains: give at least one"):
         template({"domains": []})

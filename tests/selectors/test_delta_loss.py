@@ -9,9 +9,9 @@ import torch
 
 from datasteer.config import parse_dataclass
 from datasteer.errors import ConfigError
-from datasteer.selectors.base import SelectContext
 from datasteer.selectors.delta_loss import DeltaLossParams, DeltaLossSelector, window_bounds
 from tests.factories import select_context
+from tests.fakes import FakeOps
 
 SORTED = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0, 0.5, 0.2, 0.1, 0.05, 0.01])  # all positive
 
@@ -38,45 +38,38 @@ def test_weights_mark_the_window_in_pool_order() -> None:
     assert weights.tolist() == [0.1, 0.1, 1.0, 1.0, 0.1, 1.0, 0.1, 0.1, 0.1, 0.1]
 
 
-class FakeOps:
-    def __init__(self, *rounds: torch.Tensor) -> None:
-        self.rounds = list(rounds)
-
-    def sample_losses(self, indices, desc: str = "") -> torch.Tensor:
-        return self.rounds.pop(0)[torch.as_tensor(indices)]
-
-
-def ctx(ops: FakeOps, update: int, total: int, n: int) -> SelectContext:
-    return select_context(ops=ops, num_samples=n, pool_size=10, update=update, total_updates=total)
-
-
-def test_progress_runs_over_the_delta_updates_and_survives_a_single_one() -> None:
-    assert DeltaLossSelector.progress(ctx(FakeOps(), 1, 5, 1)) == 0.0
-    assert DeltaLossSelector.progress(ctx(FakeOps(), 4, 5, 1)) == 1.0
-    assert DeltaLossSelector.progress(ctx(FakeOps(), 2, 5, 1)) == pytest.approx(1 / 3)
-    assert DeltaLossSelector.progress(ctx(FakeOps(), 1, 2, 1)) == 0.0  # one delta update: no division by zero
+@pytest.mark.parametrize(
+    ("update", "total", "expected"),
+    [(1, 5, 0.0), (4, 5, 1.0), (2, 5, 1 / 3), (1, 2, 0.0)],  # (1, 2): one delta update, no division by zero
+)
+def test_progress_runs_over_the_delta_updates_and_survives_a_single_one(
+    update: int, total: int, expected: float
+) -> None:
+    ctx = select_context(num_samples=1, pool_size=10, update=update, total_updates=total)
+    assert DeltaLossSelector.progress(ctx) == pytest.approx(expected)
 
 
 def test_first_update_records_losses_then_selects_the_window() -> None:
     initial = torch.full((10,), 5.0)
     later = initial - torch.tensor([0.05, 5.0, 0.5, 2.0, 4.0, 1.0, 0.01, 3.0, 0.2, 0.1])
-    ops = FakeOps(initial, later)
+    ops = FakeOps(losses=[initial, later])  # the losses at update 0, then at update 1
     selector = DeltaLossSelector(DeltaLossParams(window_size=0.3, outside_mass=0.0))
-    first = selector.select(ctx(ops, 0, 3, 10))
+    first = selector.select(select_context(ops=ops, num_samples=10, update=0, total_updates=3))
     assert sorted(first.tolist()) == list(range(10))  # uniform, without replacement
     torch.testing.assert_close(selector.initial_losses, initial)
     # update 1 of 3 -> progress 0: the window holds the three largest drops (indices 1, 4, 7)
-    second = selector.select(ctx(ops, 1, 3, 3))
+    second = selector.select(select_context(ops=ops, num_samples=3, update=1, total_updates=3))
     assert sorted(second.tolist()) == [1, 4, 7]
 
 
 def test_state_round_trip() -> None:
     a = DeltaLossSelector(DeltaLossParams())
-    a.select(ctx(FakeOps(torch.arange(10.0)), 0, 3, 4))
+    a.select(select_context(ops=FakeOps(losses=torch.arange(10.0)), num_samples=4, total_updates=3))
     b = DeltaLossSelector(DeltaLossParams())
     b.load_state_dict(a.state_dict())
-    later = torch.arange(10.0) - torch.linspace(0, 1, 10)
-    assert torch.equal(a.select(ctx(FakeOps(later), 1, 3, 4)), b.select(ctx(FakeOps(later), 1, 3, 4)))
+    later = FakeOps(losses=torch.arange(10.0) - torch.linspace(0, 1, 10))
+    ctx_a, ctx_b = (select_context(ops=later, num_samples=4, update=1, total_updates=3) for _ in "ab")
+    assert torch.equal(a.select(ctx_a), b.select(ctx_b))
 
 
 @pytest.mark.parametrize(

@@ -9,9 +9,9 @@ import torch
 
 from datasteer.config import parse_dataclass
 from datasteer.errors import ConfigError
-from datasteer.selectors.base import SelectContext
 from datasteer.selectors.loss import LossSelector, LossSelectParams, tier_probabilities
 from tests.factories import select_context
+from tests.fakes import FakeOps
 
 LOSSES = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
 # torch.quantile (linear): q(0.33) = 2 + 0.65 = 2.65, q(0.66) = 4 + 0.3 = 4.3
@@ -41,44 +41,33 @@ def test_non_finite_losses_are_never_drawn() -> None:
     assert probs[1] == 0 and probs[3] == 0 and float(probs.sum()) == pytest.approx(1.0)
 
 
-class FakeOps:
-    def __init__(self, losses: torch.Tensor) -> None:
-        self.losses = losses
-        self.asked: list[list[int]] = []
-
-    def sample_losses(self, indices, desc: str = "") -> torch.Tensor:
-        self.asked.append(torch.as_tensor(indices).tolist())
-        return self.losses[torch.as_tensor(indices)]
-
-
-def ctx(ops: FakeOps, n: int, seed: int = 0) -> SelectContext:
-    return select_context(ops=ops, num_samples=n, pool_size=len(ops.losses), seed=seed)
-
-
 def test_draws_without_replacement_and_favours_the_focus_tier() -> None:
     losses = torch.arange(300, dtype=torch.float32)
-    ops = FakeOps(losses)
-    chosen = LossSelector(LossSelectParams(focus="high", focus_weight=20.0)).select(ctx(ops, 60))
+    chosen = LossSelector(LossSelectParams(focus="high", focus_weight=20.0)).select(
+        select_context(ops=FakeOps(losses=losses), num_samples=60)
+    )
     assert len(set(chosen.tolist())) == 60
     high = (losses[chosen] > torch.quantile(losses, 0.66)).float().mean()
     assert high > 0.6  # expected share: 20 * 102 / (20 * 102 + 198) ~ 0.91 of the first draws
-    again = LossSelector(LossSelectParams(focus="high", focus_weight=20.0)).select(ctx(FakeOps(losses), 60))
+    again = LossSelector(LossSelectParams(focus="high", focus_weight=20.0)).select(
+        select_context(ops=FakeOps(losses=losses), num_samples=60)
+    )
     assert torch.equal(chosen, again)
 
 
 def test_too_few_valid_losses_fall_back_to_replacement_and_say_so(caplog: pytest.LogCaptureFixture) -> None:
     losses = torch.tensor([1.0, float("nan"), 2.0, float("nan")])
     with caplog.at_level(logging.WARNING):
-        chosen = LossSelector(LossSelectParams()).select(ctx(FakeOps(losses), 6))
+        chosen = LossSelector(LossSelectParams()).select(select_context(ops=FakeOps(losses=losses), num_samples=6))
     assert set(chosen.tolist()) <= {0, 2} and len(chosen) == 6
     assert "drawing with replacement" in caplog.text
 
 
 def test_candidates_subset_is_scored_and_selected_from() -> None:
-    ops = FakeOps(torch.arange(100, dtype=torch.float32))
-    chosen = LossSelector(LossSelectParams(candidates=10)).select(ctx(ops, 5))
-    (asked,) = ops.asked
-    assert len(asked) == 10 and set(chosen.tolist()) <= set(asked)
+    ops = FakeOps(losses=torch.arange(100, dtype=torch.float32))
+    chosen = LossSelector(LossSelectParams(candidates=10)).select(select_context(ops=ops, num_samples=5))
+    (call,) = ops.calls
+    assert len(call.indices) == 10 and set(chosen.tolist()) <= set(call.indices)
 
 
 @pytest.mark.parametrize(

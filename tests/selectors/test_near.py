@@ -9,9 +9,9 @@ import torch
 
 from datasteer.config import parse_dataclass
 from datasteer.errors import ConfigError
-from datasteer.selectors.base import SelectContext
 from datasteer.selectors.near import NearParams, NearSelector
 from tests.factories import select_context
+from tests.fakes import FakeOps
 
 
 def unit(degrees: float) -> list[float]:
@@ -23,49 +23,37 @@ TARGETS = torch.tensor([unit(4), unit(93)])
 # By angle: target 0 -> 0, 1, 2, 6, 7, 3, 4, 5; target 1 -> 3, 4, 7, 6, 2, 1, 5, 0.
 
 
-class FakeOps:
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def embeddings(self, indices, **kwargs) -> torch.Tensor:
-        self.calls += 1
-        return POOL[torch.as_tensor(indices)]
-
-    def target_embeddings(self, **kwargs) -> torch.Tensor:
-        return TARGETS
-
-
-def ctx(ops: FakeOps, update: int, n: int) -> SelectContext:
-    return select_context(ops=ops, num_samples=n, pool_size=len(POOL), update=update, total_updates=3)
+def fake_ops() -> FakeOps:
+    return FakeOps(embeddings=POOL, targets=[FakeOps(embeddings=TARGETS)])
 
 
 def test_round_robin_over_neighbour_lists_moves_down_at_each_update() -> None:
-    ops = FakeOps()
+    ops = fake_ops()
     near = NearSelector(NearParams(neighbours=4))
     # rank-major order of the lists [0, 1, 2, 6] and [3, 4, 7, 6]: 0, 3, 1, 4, 2, 7, 6, (6)
-    assert near.select(ctx(ops, 0, 3)).tolist() == [0, 3, 1]
-    assert near.select(ctx(ops, 1, 3)).tolist() == [4, 2, 7]
-    assert ops.calls == 1  # embedded once (refresh: false)
+    assert near.select(select_context(ops=ops, num_samples=3, update=0)).tolist() == [0, 3, 1]
+    assert near.select(select_context(ops=ops, num_samples=3, update=1)).tolist() == [4, 2, 7]
+    assert len(ops.calls_to("embeddings")) == 1  # embedded once (refresh: false)
     # 6 ends the lists; only sample 5 was never used, fewer than the 2 still needed, so a new
     # round starts and the rest are drawn at random, never repeating this update's picks.
-    third = near.select(ctx(ops, 2, 3)).tolist()
+    third = near.select(select_context(ops=ops, num_samples=3, update=2)).tolist()
     assert third[0] == 6 and len(set(third)) == 3
 
 
 def test_state_round_trip_continues_down_the_lists() -> None:
     a = NearSelector(NearParams(neighbours=4))
-    a.select(ctx(FakeOps(), 0, 3))
+    a.select(select_context(ops=fake_ops(), num_samples=3, update=0))
     b = NearSelector(NearParams(neighbours=4))
     b.load_state_dict(a.state_dict())
-    assert b.select(ctx(FakeOps(), 1, 3)).tolist() == [4, 2, 7]
+    assert b.select(select_context(ops=fake_ops(), num_samples=3, update=1)).tolist() == [4, 2, 7]
 
 
 def test_refresh_re_embeds_every_update() -> None:
-    ops = FakeOps()
+    ops = fake_ops()
     near = NearSelector(NearParams(neighbours=2, refresh=True))
-    near.select(ctx(ops, 0, 2))
-    near.select(ctx(ops, 1, 2))
-    assert ops.calls == 2
+    near.select(select_context(ops=ops, num_samples=2, update=0))
+    near.select(select_context(ops=ops, num_samples=2, update=1))
+    assert len(ops.calls_to("embeddings")) == 2
 
 
 def test_bad_params() -> None:

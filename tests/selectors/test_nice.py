@@ -16,37 +16,16 @@ from datasteer.ops import ModelOps
 from datasteer.rng import torch_generator
 from datasteer.selectors.nice import NiceParams, NiceSelector
 from tests.factories import make_dataset, make_model, select_context, tiny_config
+from tests.fakes import FakeOps, live_optimizer
 
 POOL = torch.randn(12, 5, generator=torch_generator(1, "pool"))
 
 
-class FakeTarget:
-    def __init__(self, features: torch.Tensor, name: str) -> None:
-        self.features = features
-        self.dataset = list(range(len(features)))
-        self.name = name
-        self.asked: list = []
-
-    def policy_gradient_features(self, indices, config, *, reward, sampling, seed, policy=None) -> torch.Tensor:
-        self.asked.append((torch.as_tensor(indices).tolist(), config.normalize, seed))
-        return self.features[torch.as_tensor(indices)]
-
-
-class FakeOps:
-    def __init__(self, *target_sets: torch.Tensor) -> None:
-        self.targets = tuple(FakeTarget(t, f"set{i}") for i, t in enumerate(target_sets))
-        self.optimizer = "live-optimizer"
-        self.model = make_model()
-        self.device = torch.device("cpu")
-        self.asked: list = []
-
-    def gradient_features(self, indices, config, optimizer=None) -> torch.Tensor:
-        self.asked.append((torch.as_tensor(indices).tolist(), optimizer, config.normalize))
-        return POOL[torch.as_tensor(indices)]
-
-
-def ctx(ops: object, n: int, update: int = 0):
-    return select_context(ops=ops, num_samples=n, pool_size=len(POOL), update=update)
+def fake_ops(*target_sets: torch.Tensor) -> FakeOps:
+    """The pool's gradient features are POOL; each target set's policy-gradient features
+    are the given rows."""
+    targets = [FakeOps(policy_gradients=t, name=f"set{i}") for i, t in enumerate(target_sets)]
+    return FakeOps(gradients=POOL, targets=targets, model=make_model(), optimizer=live_optimizer())
 
 
 def mean_cosine(targets: torch.Tensor) -> torch.Tensor:
@@ -57,34 +36,42 @@ def test_top_k_by_mean_cosine_over_targets_with_signal_max_over_sets() -> None:
     a = torch.randn(3, 5, generator=torch_generator(2, "a"))
     b = torch.randn(2, 5, generator=torch_generator(3, "b"))
     with_zero = torch.cat([b, torch.zeros(1, 5)])  # a target without reward signal
-    ops = FakeOps(a, with_zero)
-    chosen = NiceSelector(NiceParams()).select(ctx(ops, 4))
+    ops = fake_ops(a, with_zero)
+    chosen = NiceSelector(NiceParams()).select(select_context(ops=ops, num_samples=4))
     best = torch.maximum(mean_cosine(a), mean_cosine(b))  # the zero row is left out, not averaged in
     assert chosen.tolist() == torch.topk(best, 4).indices.tolist()
-    assert ops.asked[0][1:] == ("live-optimizer", True)  # Adam-aware, normalised candidate features
-    assert all(t.asked[0][1] is False for t in ops.targets)  # target rows combine linearly: unnormalised
-    assert ops.targets[0].asked[0][2] == ops.targets[1].asked[0][2]  # one sampling seed for the update
+    (pool,) = ops.calls
+    assert pool.options["optimizer"] is ops.optimizer and pool.options["config"].normalize  # Adam-aware, normalised
+    (t0,), (t1,) = (t.calls for t in ops.targets)
+    assert not t0.options["config"].normalize and not t1.options["config"].normalize  # rows combine linearly
+    assert t0.options["seed"] == t1.options["seed"]  # one sampling seed for the update
 
 
 def test_a_set_without_signal_is_skipped_and_none_at_all_draws_at_random() -> None:
     a = torch.randn(2, 5, generator=torch_generator(4, "a"))
-    chosen = NiceSelector(NiceParams(adam=False)).select(ctx(FakeOps(a, torch.zeros(3, 5)), 5))
+    chosen = NiceSelector(NiceParams(adam=False)).select(
+        select_context(ops=fake_ops(a, torch.zeros(3, 5)), num_samples=5)
+    )
     assert chosen.tolist() == torch.topk(mean_cosine(a), 5).indices.tolist()
-    silent = [NiceSelector(NiceParams()).select(ctx(FakeOps(torch.zeros(2, 5)), 5, update=u)) for u in (0, 0, 1)]
+    silent = [
+        NiceSelector(NiceParams()).select(select_context(ops=fake_ops(torch.zeros(2, 5)), num_samples=5, update=u))
+        for u in (0, 0, 1)
+    ]
     assert len(set(silent[0].tolist())) == 5 and torch.equal(silent[0], silent[1])  # seeded by the update
     assert not torch.equal(silent[0], silent[2])
 
 
 def test_subsets_of_candidates_and_targets_are_fresh_per_update() -> None:
-    ops = FakeOps(torch.randn(10, 5, generator=torch_generator(5, "t")))
-    NiceSelector(NiceParams(candidates=6, targets=4)).select(ctx(ops, 3))
-    NiceSelector(NiceParams(candidates=6, targets=4)).select(ctx(ops, 3, update=1))
-    (first, _, _), (second, _, _) = ops.asked
+    ops = fake_ops(torch.randn(10, 5, generator=torch_generator(5, "t")))
+    for update in (0, 1):
+        NiceSelector(NiceParams(candidates=6, targets=4)).select(select_context(ops=ops, num_samples=3, update=update))
+    first, second = (c.indices for c in ops.calls)
     assert len(first) == 6 and first == sorted(first) and first != second
-    (t0, _, seed0), (t1, _, seed1) = ops.targets[0].asked
-    assert len(t0) == 4 and t0 == sorted(t0) and t0 != t1 and seed0 != seed1
+    t0, t1 = ops.targets[0].calls
+    assert len(t0.indices) == 4 and t0.indices == sorted(t0.indices) and t0.indices != t1.indices
+    assert t0.options["seed"] != t1.options["seed"]
     with pytest.raises(ConfigError, match="evaluation set"):
-        NiceSelector(NiceParams()).select(ctx(FakeOps(), 3))
+        NiceSelector(NiceParams()).select(select_context(ops=fake_ops(), num_samples=3))
 
 
 # ----------------------------------------------------------------------------- the live model

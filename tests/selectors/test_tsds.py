@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,9 +11,11 @@ import torch
 
 from datasteer.config import parse_dataclass
 from datasteer.errors import ConfigError, SteeringStateError
-from datasteer.ops.prepared import pool_fingerprint, row_token_ids, write_prepared
+from datasteer.ops.prepared import embedding_settings, pool_fingerprint, row_token_ids, write_prepared
 from datasteer.selectors.tsds import TsdsParams, TsdsSelector, draw, kernel_density, tsds_probabilities
-from tests.factories import select_context
+from tests.distributed.launch import WORKERS, launch
+from tests.factories import make_model, select_context
+from tests.fakes import FakeOps
 
 INF = np.inf
 # Three targets, six candidates, densities 1. Breakpoints: level 1 (every target's first
@@ -111,35 +113,34 @@ def test_bad_params() -> None:
 
 POOL = [{"input_ids": [i, i + 1]} for i in range(6)]
 TARGETS = [{"input_ids": [9, 9]}]
+MODEL = make_model()  # read for its architecture only (part of the fingerprint)
 
 
-def fake_ops() -> SimpleNamespace:
-    return SimpleNamespace(model=None, dataset=POOL, targets=[SimpleNamespace(dataset=TARGETS)])
+def fake_ops(pool: list[dict[str, list[int]]] = POOL) -> FakeOps:
+    return FakeOps(dataset=pool, targets=[FakeOps(dataset=TARGETS)], model=MODEL)
 
 
-def write(tmp_path: Path, params: TsdsParams, probs: list[float]) -> None:
+def write(folder: Path, params: TsdsParams, probs: list[float]) -> None:
+    """What ``datasteer prepare tsds`` writes for POOL, TARGETS and MODEL, with these probabilities."""
+    settings = embedding_settings(params.settings(), MODEL)
     digest = pool_fingerprint(
         pool_ids=row_token_ids(POOL),
         domains=torch.zeros(6, dtype=torch.long),
         domain_names=("x",),
         target_ids=[row_token_ids(TARGETS)],
-        settings=params.settings(),
+        settings=settings,
     )
     tensors = {"probabilities": torch.tensor(probs, dtype=torch.float64)}
-    write_prepared(tmp_path, "tsds", tensors, fingerprint=digest, settings=params.settings())
-
-
-def ctx(update: int, n: int, ops: object | None = None) -> object:
-    return select_context(num_samples=n, pool_size=6, ops=ops or fake_ops(), update=update, total_updates=3)
+    write_prepared(folder, "tsds", tensors, fingerprint=digest, settings=settings)
 
 
 def test_selector_draws_from_the_prepared_support(tmp_path: Path) -> None:
     params = TsdsParams(prepared=str(tmp_path))
     write(tmp_path, params, [0.25, 0.25, 0, 0.5, 0, 0])
     selector = TsdsSelector(params)
-    first = selector.select(ctx(0, 3))  # type: ignore[arg-type]
+    first = selector.select(select_context(ops=fake_ops(), num_samples=3))
     assert sorted(first.tolist()) == [0, 1, 3]
-    more = selector.select(ctx(1, 5)).tolist()  # type: ignore[arg-type]
+    more = selector.select(select_context(ops=fake_ops(), num_samples=5, update=1)).tolist()
     assert len(more) == 5 and set(more) == {0, 1, 3}
 
 
@@ -147,49 +148,37 @@ def test_same_update_same_draw_after_a_state_round_trip(tmp_path: Path) -> None:
     params = TsdsParams(prepared=str(tmp_path))
     write(tmp_path, params, [0.1, 0.2, 0.1, 0.3, 0.2, 0.1])
     a = TsdsSelector(params)
-    a.select(ctx(0, 3))  # type: ignore[arg-type]
+    a.select(select_context(ops=fake_ops(), num_samples=3))
     b = TsdsSelector(params)
     b.load_state_dict(a.state_dict())
-    assert torch.equal(a.select(ctx(1, 4)), b.select(ctx(1, 4)))  # type: ignore[arg-type]
+    ctx_a, ctx_b = (select_context(ops=fake_ops(), num_samples=4, update=1) for _ in "ab")
+    assert torch.equal(a.select(ctx_a), b.select(ctx_b))
     # The file changed since the checkpoint: the resumed run refuses it.
     write(tmp_path, params, [0.6, 0.2, 0.1, 0.1, 0, 0])
     c = TsdsSelector(params)
     c.load_state_dict(a.state_dict())
     with pytest.raises(SteeringStateError, match="changed since the checkpoint"):
-        c.select(ctx(1, 4))  # type: ignore[arg-type]
+        c.select(select_context(ops=fake_ops(), num_samples=4, update=1))
 
 
 def test_selector_refuses_a_missing_or_foreign_file(tmp_path: Path) -> None:
     params = TsdsParams(prepared=str(tmp_path))
+    ctx = select_context(ops=fake_ops(), num_samples=2)
     with pytest.raises(SteeringStateError, match="run `datasteer prepare tsds CONFIG`"):
-        TsdsSelector(params).select(ctx(0, 2))  # type: ignore[arg-type]
+        TsdsSelector(params).select(ctx)
     write(tmp_path, TsdsParams(prepared=str(tmp_path), sigma=0.5), [1 / 6] * 6)
     with pytest.raises(SteeringStateError, match="another pool or other settings"):
-        TsdsSelector(params).select(ctx(0, 2))  # type: ignore[arg-type]
+        TsdsSelector(params).select(ctx)
     write(tmp_path, params, [1 / 6] * 6)
-    other_pool = SimpleNamespace(model=None, dataset=POOL[::-1], targets=[SimpleNamespace(dataset=TARGETS)])
     with pytest.raises(SteeringStateError, match="another pool"):
-        TsdsSelector(params).select(ctx(0, 2, other_pool))  # type: ignore[arg-type]
+        TsdsSelector(params).select(select_context(ops=fake_ops(POOL[::-1]), num_samples=2))
 
 
 @pytest.mark.slow
 def test_two_ranks_draw_the_same_samples(tmp_path: Path) -> None:
-    import json
-    import os
-    import socket
-    import subprocess
-    import sys
-
     params = TsdsParams(prepared=str(tmp_path / "prep"))
     write(tmp_path / "prep", params, [0.1, 0.2, 0.1, 0.3, 0.2, 0.1])
-    worker = Path(__file__).resolve().parents[1] / "distributed" / "tsds_worker.py"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([*cmd, str(worker), str(tmp_path / "prep"), str(tmp_path / "out")], env=env, timeout=300)
-    assert proc.returncode == 0
+    launch(WORKERS / "tsds_worker.py", tmp_path / "prep", tmp_path / "out", nproc=2)
     r0, r1 = (json.loads((tmp_path / "out" / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0 == r1 and len(r0) == 3 and all(len(p) == 8 for p in r0)
     assert r0[0] != r0[1]  # a fresh draw per update
