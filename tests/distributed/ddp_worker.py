@@ -26,6 +26,13 @@ STEERING = {
     "select": {"paradigm": "select", "algorithm": "random", "warmup_steps": 1, "update_every": 3, "seed": 9},
     "weight": {"paradigm": "weight", "algorithm": "uniform"},
     "odm": {"paradigm": "mix", "algorithm": "odm", "update_every": 1, "seed": 9},
+    "weight_loss": {"paradigm": "weight", "algorithm": "loss", "params": {"temperature": 0.5}},
+    "compose": {
+        "mix": {"algorithm": "random", "update_every": 2},
+        "select": {"algorithm": "loss", "warmup_steps": 1, "update_every": 3},
+        "weight": {"algorithm": "loss"},
+        "seed": 9,
+    },
     "doremi": {
         "paradigm": "mix",
         "algorithm": "doremi",
@@ -126,12 +133,29 @@ def main() -> None:
         steering=STEERING[paradigm],
     )
     trainer.trained = []
-    trainer.train()
     ctl = trainer.steering
+    assert ctl is not None
+    weights: list[tuple[int, list[int], list[float]]] = []  # (step, indices, weights) of each micro-batch
+    weigh = ctl.sample_weights
+
+    def recording_weights(step, batch):  # type: ignore[no-untyped-def]
+        w = weigh(step, batch)
+        weights.append((step, batch.indices.tolist(), w.tolist()))
+        return w
+
+    ctl.sample_weights = recording_weights  # type: ignore[method-assign]
+    trainer.train()
     plans = [(s, p.tolist() if p is not None else None) for s, p in ctl.sampler._plans] if ctl.sampler else []
+    selections = [(s, c.tolist() if c is not None else None) for s, c in getattr(ctl.sampler, "_selections", [])]
     mixer = ctl.plan.mixer
     learned = mixer.learned_proportions() if isinstance(mixer, ShapesDomainLoss) else None
-    record = {"trained": trainer.trained, "plans": plans, "learned": learned.tolist() if learned is not None else None}
+    record = {
+        "trained": trainer.trained,
+        "plans": plans,
+        "selections": selections,
+        "weights": weights,
+        "learned": learned.tolist() if learned is not None else None,
+    }
     finish(out, record)
 
 

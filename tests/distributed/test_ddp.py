@@ -103,3 +103,46 @@ def test_model_based_selections_agree_across_ranks(tmp_path: Path, paradigm: str
     assert first_two == first_one
     for (_, two), (_, one) in zip(r0[1:], single[1:], strict=True):
         assert len(set(two) & set(one)) >= 0.75 * len(one)
+
+
+def weights_by_sample(record: dict) -> dict[tuple[int, int], float]:
+    """(step, pool index) -> the loss weight it trained with (indices repeat across steps only)."""
+    return {(step, i): w for step, indices, ws in record["weights"] for i, w in zip(indices, ws, strict=True)}
+
+
+@pytest.mark.slow
+def test_loss_weights_over_two_ranks_equal_one_rank_on_the_concatenated_batch(tmp_path: Path) -> None:
+    """Micro-batch 2 on each of 2 ranks: the weighter sees both ranks' losses (all-gathered),
+    so every sample gets the weight one process with micro-batch 4 gives it."""
+    launch(WORKER, tmp_path / "one", "weight_loss", nproc=1)
+    launch(WORKER, tmp_path / "two", "weight_loss", nproc=2)
+    (single,), (r0, r1) = read_ranks(tmp_path / "one", 1), read_ranks(tmp_path / "two", 2)
+    one = weights_by_sample(single)
+    two = {**weights_by_sample(r0), **weights_by_sample(r1)}
+    assert len(one) == 7 * 8 and two.keys() == one.keys()
+    first = [k for k in one if k[0] == 1]
+    assert max(one[k] for k in first) > 1.2 > 0.8 > min(one[k] for k in first)  # the weights do differ
+    assert [two[k] for k in first] == pytest.approx([one[k] for k in first], rel=1e-5)  # same model at step 1
+    for key, value in one.items():  # later steps: DDP-averaged weights differ in the last float bits
+        assert two[key] == pytest.approx(value, rel=1e-3), key
+    per_rank = [len(r["weights"]) for r in (r0, r1)]
+    assert per_rank == [14, 14]  # 7 steps x 2 micro-batches each, weighted on both ranks
+
+
+@pytest.mark.slow
+def test_a_composed_run_agrees_on_every_decision_across_ranks(tmp_path: Path) -> None:
+    """mix/random + select/loss (within each domain) + weight/loss on 2 ranks: both ranks hold
+    the same proportions and selections and train the 1-process steps; the first selection
+    (from the initial weights) equals the 1-process one."""
+    launch(WORKER, tmp_path / "one", "compose", nproc=1)
+    launch(WORKER, tmp_path / "two", "compose", nproc=2)
+    (single,), (r0, r1) = read_ranks(tmp_path / "one", 1), read_ranks(tmp_path / "two", 2)
+    assert r0["plans"] == r1["plans"] == single["plans"]  # proportions
+    assert r0["selections"] == r1["selections"]
+    assert [s for s, _ in r0["selections"]] == [s for s, _ in single["selections"]] == [1, 2, 5]
+    assert r0["selections"][1] == single["selections"][1]
+    records = read_records(tmp_path / "two" / "steering.jsonl")
+    assert {r["paradigm"] for r in records} == {"mix", "select", "weight"}
+    a, b, one = per_step(r0), per_step(r1), per_step(single)
+    for step in (1, 2, 3, 4):  # before any DDP-averaged difference could reach a selection
+        assert sorted(a[step] + b[step]) == sorted(one[step]), step
