@@ -19,6 +19,7 @@ from datasteer.capabilities import ComparesToReference
 from datasteer.config import SteeringConfig, load_steering
 from datasteer.errors import ConfigError
 from datasteer.mixers.base import Mixer, ShapesDomainLoss
+from datasteer.plugins import unwrap
 from datasteer.registry import registry_for
 from datasteer.selectors.base import Selector
 
@@ -47,7 +48,8 @@ class SteeringPlan:
     def reference_model(self) -> str | None:
         """Directory of the reference model a stage compares the training losses to, if any
         (:func:`build_plan` refuses two stages with different ones)."""
-        paths = [a.reference_model() for a in self.algorithms.values() if isinstance(a, ComparesToReference)]
+        algorithms = [unwrap(a) for a in self.algorithms.values()]
+        paths = [a.reference_model() for a in algorithms if isinstance(a, ComparesToReference)]
         return paths[0] if paths else None
 
     def check_domains(self, domain_names: Sequence[str]) -> None:
@@ -73,7 +75,7 @@ def build_plan(steering: SteeringConfig | Mapping[str, Any]) -> SteeringPlan:
         for paradigm, stage in config.stages.items()
     }
     plan = SteeringPlan(config, algorithms)
-    mixer, selector = plan.mixer, algorithms.get("select")
+    mixer, selector = unwrap(plan.mixer), unwrap(algorithms.get("select"))
     if mixer is not None and isinstance(selector, Selector):
         selector.check_within_domains()
     if isinstance(mixer, ShapesDomainLoss) and "weight" in algorithms:
@@ -81,7 +83,7 @@ def build_plan(steering: SteeringConfig | Mapping[str, Any]) -> SteeringPlan:
             f"datasteer.weight: {config.stages['mix'].algorithm} trains on its own domain-weighted loss; "
             "a weight stage would change its objective (drop one of the two)"
         )
-    references = {a.reference_model() for a in algorithms.values() if isinstance(a, ComparesToReference)}
+    references = {a.reference_model() for a in map(unwrap, algorithms.values()) if isinstance(a, ComparesToReference)}
     if len(references) > 1:
         raise ConfigError(
             f"reference_model: the stages name different reference models ({', '.join(sorted(references))}); "

@@ -2,9 +2,11 @@
 
 A path is ``package.module:ClassName``, ``package.module.ClassName`` or
 ``path/to/file.py:ClassName`` (relative to the working directory). The ``custom``
-algorithms (:mod:`datasteer.selectors.custom`, :mod:`datasteer.weighters.custom`) call
-:func:`load_class` when their params are parsed, so every problem is a
-:class:`~datasteer.errors.ConfigError` naming the ``path`` key, before any model loads.
+algorithms (:mod:`datasteer.selectors.custom`, :mod:`datasteer.weighters.custom`) are
+:class:`Plugin` wrappers whose :class:`PluginParams` call :func:`load_class` when they are
+parsed, so every problem is a :class:`~datasteer.errors.ConfigError` naming the ``path``
+key, before any model loads. The drivers run the user's instance itself
+(:func:`unwrap`), so it keeps every capability class it inherits.
 """
 
 from __future__ import annotations
@@ -14,10 +16,17 @@ import hashlib
 import importlib
 import importlib.util
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING, Any, ClassVar
 
+from datasteer.algorithm import Algorithm
+from datasteer.config import doc, parse_dataclass
 from datasteer.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def _import_file(file: str) -> ModuleType:
@@ -81,3 +90,56 @@ def load_class(path: str, base: type) -> type:
     if not (isinstance(params_cls, type) and dataclasses.is_dataclass(params_cls)):
         raise ConfigError(f"path: {path!r} needs a `Params` dataclass attribute (an empty one if it has no params)")
     return cls
+
+
+@dataclass
+class PluginParams:
+    """Parameters of a ``custom`` algorithm: where the user's class is, and its params."""
+
+    #: The class the loaded class must subclass (set by each ``custom`` algorithm).
+    base: ClassVar[type] = Algorithm
+
+    path: str = doc(
+        "The class: 'package.module:ClassName', 'package.module.ClassName' or "
+        "'path/to/file.py:ClassName' (relative to the working directory)."
+    )
+    params: dict[str, Any] = doc("Parameters of that class's own Params dataclass.", default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Resolved here (plain attributes, not config fields), so a bad path or bad params
+        # fail when the config is parsed, before any model loads.
+        self.cls: type[Algorithm[Any]] = load_class(self.path, self.base)
+        self.cls_params: Any = parse_dataclass(self.cls.Params, self.params, "params")
+
+
+class Plugin(Algorithm[Any]):
+    """A ``custom`` algorithm: holds the user's instance (``inner``), built from its params.
+
+    The drivers :func:`unwrap` it and run ``inner`` directly; the delegating methods here
+    serve callers that hold the wrapper (the plan, tests).
+    """
+
+    def __init__(self, params: PluginParams) -> None:
+        super().__init__(params)
+        self.inner: Algorithm[Any] = params.cls(params.cls_params)
+
+    # The base class declares a class-level flag; here it follows the wrapped instance, so it
+    # is a read-only property (mypy objects to a property replacing a writeable attribute).
+    @property
+    def needs_model(self) -> bool:  # type: ignore[override]
+        """Whether the user's algorithm needs the live model."""
+        return bool(self.inner.needs_model)
+
+    def prepare_model(self, model: nn.Module) -> None:
+        self.inner.prepare_model(model)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
+
+
+def unwrap(algorithm: Any) -> Any:
+    """The algorithm that does the work: a :class:`Plugin`'s user instance, or ``algorithm``."""
+    return algorithm.inner if isinstance(algorithm, Plugin) else algorithm

@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 import copy
-import inspect
-from abc import ABC
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
-import datasteer.capabilities
-import datasteer.weighters.base
-from datasteer.algorithm import Algorithm
-from datasteer.capabilities import ComparesToReference
 from datasteer.config import load_steering, parse_dataclass
 from datasteer.errors import ConfigError
 from datasteer.plugins import load_class
 from datasteer.registry import WEIGHTERS
-from datasteer.weighters.base import RefreshesFromModel, UsesBatchEmbeddings, WeightContext, Weighter
-from datasteer.weighters.custom import FORWARDERS, CustomWeighter, CustomWeightParams
+from datasteer.weighters.base import Weighter
+from datasteer.weighters.custom import CustomWeighter, CustomWeightParams
 from datasteer.weighters.uniform import UniformWeighter
+from tests.factories import weight_context
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "examples" / "custom_weighter.py"
 
@@ -120,26 +114,13 @@ def parse(raw: dict) -> CustomWeightParams:
     return parse_dataclass(CustomWeightParams, raw, "datasteer.params")
 
 
-def context(losses: list[float], domains: list[int] | None = None, **extra: Any) -> WeightContext:
-    n = len(losses)
-    return WeightContext(
-        step=1,
-        max_steps=10,
-        losses=torch.tensor(losses),
-        indices=torch.arange(n),
-        domains=torch.tensor(domains if domains is not None else [0] * n),
-        generator=torch.Generator(),
-        **extra,
-    )
-
-
 @pytest.mark.parametrize(
     "path", ["user_weigh_mod:ScaleWeighter", "user_weigh_mod.ScaleWeighter", "user_weigh_mod.py:ScaleWeighter"]
 )
 def test_loads_by_module_dotted_or_file_path(user_dir: Path, path: str) -> None:
     weighter = WEIGHTERS.build("custom", parse({"path": path, "params": {"factor": 2.5}}))
     assert isinstance(weighter, CustomWeighter) and type(weighter.inner).__name__ == "ScaleWeighter"
-    assert weighter.weigh(context([0.1, 0.2, 0.3])).tolist() == [2.5, 2.5, 2.5]
+    assert weighter.weigh(weight_context(torch.tensor([0.1, 0.2, 0.3]))).tolist() == [2.5, 2.5, 2.5]
 
 
 def test_builtin_class_by_dotted_path() -> None:
@@ -150,8 +131,8 @@ def test_builtin_class_by_dotted_path() -> None:
 def test_delegates_weigh_state_needs_model_and_prepare_model(user_dir: Path) -> None:
     weighter = CustomWeighter(parse({"path": "user_weigh_mod.py:ScaleWeighter"}))
     assert weighter.needs_model is True  # the user's class asks for the model
-    weighter.weigh(context([1.0]))
-    weighter.weigh(context([1.0]))
+    weighter.weigh(weight_context(torch.tensor([1.0])))
+    weighter.weigh(weight_context(torch.tensor([1.0])))
     assert weighter.state_dict() == {"calls": 2}
     fresh = CustomWeighter(parse({"path": "user_weigh_mod.py:ScaleWeighter"}))
     fresh.load_state_dict(weighter.state_dict())
@@ -165,40 +146,24 @@ def test_delegates_weigh_state_needs_model_and_prepare_model(user_dir: Path) -> 
         uniform.load_state_dict({"calls": 1})
 
 
-def test_a_plain_weighter_has_no_capabilities(user_dir: Path) -> None:
-    weighter = CustomWeighter(parse({"path": "user_weigh_mod:ScaleWeighter"}))
-    assert type(weighter) is CustomWeighter
-    assert not isinstance(weighter, UsesBatchEmbeddings | RefreshesFromModel | ComparesToReference)
+def test_the_driver_runs_the_users_instance_with_its_capabilities(user_dir: Path) -> None:
+    import numpy as np
 
+    from datasteer.controller import SteeringController
+    from datasteer.plan import build_plan
 
-def test_capabilities_of_the_users_class_are_inherited_and_forwarded(user_dir: Path) -> None:
-    weighter = WEIGHTERS.build("custom", parse({"path": "user_weigh_mod:CapableWeighter"}))
-    assert isinstance(weighter, CustomWeighter)
-    assert isinstance(weighter, UsesBatchEmbeddings) and weighter.embedding_layer() == (3, "mean")
-    assert isinstance(weighter, RefreshesFromModel) and weighter.refresh_every() == 7
-    assert weighter.refresh("OPS") == {"ops": "OPS"}  # type: ignore[arg-type]
-    assert isinstance(weighter, ComparesToReference) and weighter.reference_model() == "outputs/reference"
-    assert weighter.weigh(context([0.5, 0.5])).tolist() == [1.0, 1.0]
+    def controller(cls: str) -> SteeringController:
+        plan = build_plan({"paradigm": "weight", "algorithm": "custom", "params": {"path": f"user_weigh_mod:{cls}"}})
+        return SteeringController(plan, domains=np.zeros(4, int), domain_names=("x",), global_batch=2, seed=0, lag=1)
 
-    only = CustomWeighter(parse({"path": "user_weigh_mod:EmbeddingsOnly"}))
-    assert isinstance(only, UsesBatchEmbeddings) and only.embedding_layer() == (-1, "last")
-    assert not isinstance(only, RefreshesFromModel | ComparesToReference)
-    # one class per combination of capabilities, reused
-    assert type(CustomWeighter(parse({"path": "user_weigh_mod:EmbeddingsOnly"}))) is type(only)
-    copied = copy.deepcopy(only)
-    assert type(copied) is type(only) and copied.embedding_layer() == (-1, "last")
-
-
-def test_every_capability_class_has_a_forwarder() -> None:
-    # A capability class added to either module must get a forwarder in weighters/custom.py,
-    # or a custom weighter that inherits it would silently lose it.
-    capabilities = {
-        cls
-        for module in (datasteer.capabilities, datasteer.weighters.base)
-        for _, cls in inspect.getmembers(module, inspect.isclass)
-        if cls.__module__ == module.__name__ and issubclass(cls, ABC) and not issubclass(cls, Algorithm)
-    }
-    assert capabilities == set(FORWARDERS)
+    capable = controller("CapableWeighter")
+    (driver,) = capable.drivers
+    assert type(driver.algorithm).__name__ == "CapableWeighter"  # unwrapped: no forwarding layer
+    assert capable.embedding_layer == (3, "mean") and capable.reference_model == "outputs/reference"
+    assert capable.plan.reference_model() == "outputs/reference"
+    plain = controller("ScaleWeighter")
+    assert plain.embedding_layer is None and plain.reference_model is None
+    assert copy.deepcopy(plain.plan.algorithms["weight"]).inner.params.factor == 1.0  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(
@@ -244,7 +209,9 @@ NAMES = ("prose", "arithmetic", "noise")
 def test_template_weighs_each_domain_mean_normalised() -> None:
     weighter = template({"arithmetic": 2.0, "noise": 0.5})
     assert weighter.needs_model is False and weighter.state_dict() == {}
-    weights = weighter.weigh(context([3.0, 1.0, 2.0, 5.0], [0, 1, 1, 2], domain_names=NAMES))
+    weights = weighter.weigh(
+        weight_context(torch.tensor([3.0, 1.0, 2.0, 5.0]), domains=torch.tensor([0, 1, 1, 2]), names=NAMES)
+    )
     # raw [1, 2, 2, 0.5] (prose unlisted: 1), mean 1.375
     expected = torch.tensor([1 / 1.375, 2 / 1.375, 2 / 1.375, 0.5 / 1.375])
     assert weights.dtype == torch.float32
@@ -254,11 +221,15 @@ def test_template_weighs_each_domain_mean_normalised() -> None:
 
 
 def test_template_zero_weights_and_errors() -> None:
-    dropped = template({"noise": 0.0}).weigh(context([1.0, 1.0, 1.0], [2, 2, 0], domain_names=NAMES))
+    dropped = template({"noise": 0.0}).weigh(
+        weight_context(torch.tensor([1.0, 1.0, 1.0]), domains=torch.tensor([2, 2, 0]), names=NAMES)
+    )
     torch.testing.assert_close(dropped, torch.tensor([0.0, 0.0, 3.0]))
-    only_noise = template({"noise": 0.0}).weigh(context([1.0, 1.0], [2, 2], domain_names=NAMES))
+    only_noise = template({"noise": 0.0}).weigh(
+        weight_context(torch.tensor([1.0, 1.0]), domains=torch.tensor([2, 2]), names=NAMES)
+    )
     assert only_noise.tolist() == [0.0, 0.0]  # nothing to normalise by: the batch weighs 0
     with pytest.raises(ConfigError, match=r"weights: unknown domains \['code'\]"):
-        template({"code": 2.0}).weigh(context([1.0], [0], domain_names=NAMES))
+        template({"code": 2.0}).weigh(weight_context(torch.tensor([1.0]), domains=torch.tensor([0]), names=NAMES))
     with pytest.raises(ConfigError, match=r"params\.weights: each weight must be finite and >= 0"):
         template({"noise": -1.0})

@@ -26,6 +26,7 @@ import torch
 
 from datasteer.config import StageConfig
 from datasteer.ops.protocol import NO_MODEL, ModelOperations
+from datasteer.plugins import unwrap
 from datasteer.samplers import MixtureSampler, SelectionSampler
 from datasteer.schedule import Schedule
 
@@ -85,7 +86,8 @@ class Driver(ABC, Generic[A]):
 
     def __init__(self, stage: StageConfig, algorithm: A, run: RunInfo, lag: int) -> None:
         self.stage = stage
-        self.algorithm = algorithm
+        # A ``custom`` algorithm's user instance runs itself, with its own capability classes.
+        self.algorithm: A = unwrap(algorithm)
         self.run = run
         self.schedule = Schedule(stage.warmup_steps, stage.update_every, stage.max_updates, lag)
 

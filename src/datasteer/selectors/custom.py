@@ -17,17 +17,13 @@ its params (unknown keys are errors, as for built-in algorithms).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import ClassVar
 
 import torch
 
-from datasteer.config import doc, parse_dataclass
-from datasteer.plugins import load_class
+from datasteer.plugins import Plugin, PluginParams, load_class
 from datasteer.registry import SELECTORS
 from datasteer.selectors.base import SelectContext, Selector
-
-if TYPE_CHECKING:
-    from torch import nn
 
 
 def load_selector_class(path: str) -> type[Selector]:
@@ -42,55 +38,26 @@ def load_selector_class(path: str) -> type[Selector]:
 
 
 @dataclass
-class CustomParams:
+class CustomParams(PluginParams):
     """Parameters of :class:`CustomSelector`."""
 
-    path: str = doc(
-        "The selector class: 'package.module:ClassName', 'package.module.ClassName' or "
-        "'path/to/file.py:ClassName' (relative to the working directory)."
-    )
-    params: dict[str, Any] = doc("Parameters of that class's own Params dataclass.", default_factory=dict)
-
-    def __post_init__(self) -> None:
-        # Resolved here (plain attributes, not config fields), so a bad path or bad params
-        # fail when the config is parsed, before any model loads.
-        self.selector_cls: type[Selector] = load_selector_class(self.path)
-        self.selector_params: Any = parse_dataclass(self.selector_cls.Params, self.params, "params")
+    base: ClassVar[type] = Selector
 
 
 @SELECTORS.register("custom")
-class CustomSelector(Selector):
+class CustomSelector(Plugin, Selector):
     """A user's own Selector subclass, loaded from the module or file named by its path.
 
-    Every call is delegated: ``select``, ``prepare_model``, ``check_within_domains``, ``state_dict`` /
-    ``load_state_dict`` and ``needs_model`` (the controller builds model operations only
-    when the user's class asks for them). See ``examples/custom_selector.py``.
+    The drivers run the user's instance itself; ``select``, ``check_within_domains``,
+    ``prepare_model``, ``state_dict`` / ``load_state_dict`` and ``needs_model`` are delegated
+    for callers that hold this wrapper. See ``examples/custom_selector.py``.
     """
 
     Params = CustomParams
-
-    def __init__(self, params: CustomParams) -> None:
-        super().__init__(params)
-        self.inner: Selector = params.selector_cls(params.selector_params)
-
-    # The base class declares a class-level flag; here it follows the wrapped instance, so it
-    # is a read-only property (mypy objects to a property replacing a writeable attribute).
-    @property
-    def needs_model(self) -> bool:  # type: ignore[override]
-        """Whether the user's selector needs the live model."""
-        return bool(self.inner.needs_model)
-
-    def prepare_model(self, model: nn.Module) -> None:
-        self.inner.prepare_model(model)
+    inner: Selector
 
     def check_within_domains(self) -> None:
         self.inner.check_within_domains()
 
     def select(self, ctx: SelectContext) -> torch.Tensor:
         return self.inner.select(ctx)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.inner.load_state_dict(state)
