@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from datasets import Dataset
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 from datasteer.mixers.base import MixContext
 from datasteer.ops.protocol import NO_MODEL, ModelOperations
@@ -158,6 +159,21 @@ def weight_context(
         reference_losses=reference_losses,
         domain_names=names,
     )
+
+
+def training_args(output_dir: str | Path, **overrides: Any) -> TrainingArguments:
+    """The tests' ``TrainingArguments``: CPU, no reporting or progress bars, seed 3 and a
+    learning rate (1e-2) at which the tiny model moves in a few steps; ``overrides`` win."""
+    settings: dict[str, Any] = {
+        "output_dir": str(output_dir),
+        "use_cpu": True,
+        "report_to": [],
+        "disable_tqdm": True,
+        "dataloader_pin_memory": False,
+        "seed": 3,
+        "learning_rate": 1e-2,
+    }
+    return TrainingArguments(**{**settings, **overrides})
 
 
 def without_seconds(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

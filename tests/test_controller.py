@@ -29,7 +29,7 @@ from datasteer.samplers import MixtureSampler, SteeringSampler
 from datasteer.selectors.base import SelectContext, Selector
 from datasteer.selectors.random import RandomSelector, RandomSelectParams
 from datasteer.weighters.base import WeightContext, Weighter
-from tests.factories import mix_context, select_context
+from tests.factories import mix_context, select_context, without_seconds
 
 NAMES = ("a", "b", "c")
 DOMAINS = np.array([0] * 10 + [1] * 6 + [2] * 8)  # 24 samples
@@ -154,10 +154,6 @@ def weigh(ctrl: SteeringController, step: int, losses: torch.Tensor, indices: to
     return ctrl.sample_weights(step, TrainedBatch(idx, DOMAINS[idx], losses))
 
 
-def without_seconds(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{k: v for k, v in e.items() if k != "seconds"} for e in events]
-
-
 def domain_counts(indices: list[int] | np.ndarray) -> list[int]:
     return np.bincount(DOMAINS[np.asarray(indices)], minlength=3).tolist()
 
@@ -252,18 +248,8 @@ SELECT_RANDOM = {"paradigm": "select", "algorithm": "random", "warmup_steps": 2,
 
 
 def expected_random_selection(update: int, num_samples: int) -> np.ndarray:
-    ctx = SelectContext(
-        step=0,
-        first_step=1,
-        last_step=1,
-        max_steps=10,
-        update=update,
-        total_updates=update + 1,
-        num_samples=num_samples,
-        pool_size=len(DOMAINS),
-        domains=torch.from_numpy(DOMAINS),
-        domain_names=NAMES,
-        generator=torch_generator(SEED, "select", update),
+    ctx = select_context(
+        num_samples=num_samples, domains=DOMAINS, names=NAMES, update=update, total_updates=update + 1, seed=SEED
     )
     return RandomSelector(RandomSelectParams()).select(ctx).numpy()
 

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import io
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +17,22 @@ import torch
 from datasteer.algorithm import Algorithm
 from datasteer.config import PARADIGMS, load_steering, parse_dataclass, read_yaml
 from datasteer.errors import ConfigError
-from datasteer.mixers.base import Mixer
+from datasteer.mixers.base import DomainStats, Mixer
+from datasteer.mixers.doremi import DoReMiMixer
+from datasteer.mixers.dynamic_moe import DynamicMoEMixer
+from datasteer.mixers.odm import ODMMixer
+from datasteer.ops.prepared import embedding_settings, pool_fingerprint, row_token_ids, write_prepared
+from datasteer.plugins import Plugin, unwrap
 from datasteer.registry import AlgorithmSpec, Registry, registry_for
 from datasteer.selectors.base import Selector
+from datasteer.selectors.cluster_less import ClusterLessSelector
+from datasteer.selectors.delta_loss import DeltaLossSelector
+from datasteer.selectors.near import NearSelector
+from datasteer.selectors.tsds import TsdsParams, TsdsSelector
+from datasteer.weighters.adapt import AdaptWeighter
 from datasteer.weighters.base import Weighter
+from tests.factories import make_model, mix_context, select_context, weight_context
+from tests.fakes import FakeOps, live_optimizer
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -39,8 +56,11 @@ def spec_id(spec: AlgorithmSpec) -> str:
 
 
 def build(spec: AlgorithmSpec) -> Algorithm:
-    data = MINIMAL_PARAMS.get((spec.paradigm, spec.name))
-    params = parse_dataclass(spec.params_cls, data, "datasteer.params")
+    return build_from(spec, MINIMAL_PARAMS.get((spec.paradigm, spec.name)))
+
+
+def build_from(spec: AlgorithmSpec, data: dict[str, Any] | None) -> Algorithm:
+    params: Any = parse_dataclass(spec.params_cls, data, "datasteer.params")
     algorithm: Algorithm = registry_for(spec.paradigm).build(spec.name, params)
     return algorithm
 
@@ -53,6 +73,12 @@ def same_state(a: Any, b: Any) -> bool:
     if isinstance(a, list | tuple):
         return type(a) is type(b) and len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b, strict=True))
     return bool(a == b)
+
+
+def keeps_state(algorithm: Algorithm) -> bool:
+    """Whether the algorithm keeps state: its class (for a ``custom`` algorithm, which
+    delegates, the user's class) overrides ``state_dict``."""
+    return type(unwrap(algorithm)).state_dict is not Algorithm.state_dict
 
 
 def test_every_paradigm_has_algorithms() -> None:
@@ -90,12 +116,23 @@ def test_builds_with_default_params(spec: AlgorithmSpec) -> None:
     assert isinstance(algorithm.params, spec.params_cls)
 
 
+def through_checkpoint(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` saved and read back as a checkpoint does (``torch.save``, ``weights_only`` load)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    loaded: dict[str, Any] = torch.load(buffer, weights_only=True)
+    return loaded
+
+
 @pytest.mark.parametrize("spec", SPECS, ids=spec_id)
-def test_state_round_trip(spec: AlgorithmSpec) -> None:
-    state = build(spec).state_dict()
+def test_fresh_state_round_trip(spec: AlgorithmSpec) -> None:
+    """A checkpoint saved before the first update restores (stateless algorithms: nothing)."""
+    state = through_checkpoint(build(spec).state_dict())
     fresh = build(spec)
     fresh.load_state_dict(state)
     assert same_state(fresh.state_dict(), state)
+    assert keeps_state(fresh) or state == {}
 
 
 def test_build_rejects_params_of_another_algorithm() -> None:
@@ -107,6 +144,252 @@ def test_stateless_algorithm_rejects_foreign_state() -> None:
     algorithm = build(registry_for("weight").get("uniform"))
     with pytest.raises(ValueError, match="keeps no state"):
         algorithm.load_state_dict({"ema": torch.zeros(2)})
+
+
+# -- state round trip after real updates ------------------------------------------------------
+#
+# A fresh instance's state is empty, so round-tripping it proves little. Each stateful
+# algorithm (see keeps_state) is driven through real updates with hand-made contexts and
+# FakeOps answers, checkpointed, restored into a fresh instance, and both make the next
+# update; the select and weight ones also inside their paradigm's custom wrapper.
+
+
+@dataclass(frozen=True)
+class Exercise:
+    """How to drive a stateful algorithm without a model.
+
+    Attributes:
+        update: makes update ``u`` (0, 1, 2) of the algorithm (as the drivers run it: a custom
+            algorithm's user instance) with hand-made contexts and FakeOps answers, and
+            returns what it produced (selection, proportions, weights); the same ``u`` gives
+            the same contexts and answers every time.
+        params: the params to build it with, given a scratch folder; default MINIMAL_PARAMS.
+    """
+
+    update: Callable[[Any, int], Any]
+    params: Callable[[Path], dict[str, Any]] | None = None
+
+
+def given(**params: Any) -> Callable[[Path], dict[str, Any]]:
+    """Exercise params that need no scratch folder."""
+    return lambda _folder: params
+
+
+def _t(values: Sequence[float]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64)
+
+
+#: Per update: samples and summed losses of the K = 3 domains in one step (domain 1 absent at update 1).
+ODM_STEPS = (([2, 1, 1], [5.0, 2.0, 1.5]), ([3, 0, 1], [6.6, 0.0, 0.8]), ([1, 1, 2], [2.2, 1.9, 3.0]))
+
+
+def exercise_odm(mixer: ODMMixer, u: int) -> torch.Tensor:
+    samples, loss_sum = (_t(v) for v in ODM_STEPS[u])
+    mixer.observe(DomainStats(u + 1, _t([1 / 3] * 3), samples, loss_sum, samples * 10, loss_sum * 10))
+    # The run's updates 3 to 5: until t > K ln K (t = update + 1) EXP3 explores uniformly,
+    # whatever the estimates, and the proportions would not show a lost state.
+    return mixer.update(mix_context(k=3, update=u + 3))
+
+
+#: Per update: the step's excess loss summed over each domain's tokens (10, 20, 5 tokens).
+DOREMI_EXCESS = ([1.0, 4.0, 0.5], [0.0, 2.0, 3.0], [2.5, 0.0, 0.0])
+
+
+def exercise_doremi(mixer: DoReMiMixer, u: int) -> tuple[torch.Tensor, ...]:
+    tokens = _t([10, 20, 5])
+    stats = DomainStats(u + 1, _t([1 / 3] * 3), _t([1, 1, 1]), tokens, tokens, tokens, excess_sum=_t(DOREMI_EXCESS[u]))
+    mixer.observe(stats)
+    learned = mixer.learned_proportions()
+    assert learned is not None
+    return mixer.update(mix_context(k=3, update=u)), mixer.loss_weights(), learned
+
+
+MOE_DOMAINS = torch.repeat_interleave(torch.arange(3), torch.tensor([6, 5, 4]))
+
+
+def exercise_dynamic_moe(mixer: DynamicMoEMixer, u: int) -> torch.Tensor:
+    # Loads (15 rows, 1 layer, 2 experts) that differ by row, so which held-out rows were
+    # drawn (part of the state) changes the result.
+    rows = torch.arange(15.0)
+    loads = torch.stack([rows % (u + 2) + 1, (MOE_DOMAINS + 1.0) * (u + 1)], dim=1).unsqueeze(1)
+    ctx = mix_context(k=3, update=u, sizes=(6, 5, 4), domains=MOE_DOMAINS, ops=FakeOps(expert_loads=loads))
+    return mixer.update(ctx)
+
+
+#: Per update: the loss of each of 8 pool samples.
+DELTA_LOSSES = (
+    [3.0, 2.5, 4.0, 1.0, 2.0, 3.5, 5.0, 1.5],
+    [2.0, 2.4, 1.0, 1.2, 1.0, 3.0, 2.0, 1.4],
+    [1.5, 2.3, 0.8, 1.1, 0.9, 2.0, 1.0, 1.6],
+)
+
+
+def exercise_delta_loss(selector: DeltaLossSelector, u: int) -> torch.Tensor:
+    ops = FakeOps(losses=torch.tensor(DELTA_LOSSES[u]))
+    return selector.select(select_context(num_samples=4, update=u, total_updates=4, ops=ops))
+
+
+def _unit(degrees: float) -> list[float]:
+    return [math.cos(math.radians(degrees)), math.sin(math.radians(degrees))]
+
+
+NEAR_ANGLES = (0, 10, 20, 90, 100, 180, 30, 85)
+NEAR_TARGETS = torch.tensor([_unit(4), _unit(93)])
+
+
+def exercise_near(selector: NearSelector, u: int) -> torch.Tensor:
+    # The pool's embeddings move as the model trains, so lists rebuilt after a resume would
+    # differ from the kept ones. 3 neighbours per target: updates 0 and 1 walk down the
+    # lists; update 2 reaches their end and draws the rest among the samples not used yet.
+    pool = torch.tensor([_unit(a + 20 * u) for a in NEAR_ANGLES])
+    ops = FakeOps(embeddings=pool, targets=[FakeOps(embeddings=NEAR_TARGETS)])
+    return selector.select(select_context(num_samples=(2, 2, 3)[u], update=u, ops=ops))
+
+
+# Two groups of unit embeddings, {0, 2, 4} and {1, 3, 5} (see tests/selectors/test_cluster_less.py).
+CLUSTER_EMB = torch.tensor(
+    [
+        [1.0, 0.0, 0.0, 0.0],
+        [0.0, 1.0, 0.0, 0.0],
+        [0.96, 0.0, 0.28, 0.0],
+        [0.0, 0.96, 0.0, 0.28],
+        [0.96, 0.0, -0.28, 0.0],
+        [0.0, 0.8, 0.0, 0.6],
+    ]
+)
+CLUSTER_GRADS = torch.tensor([[3.0, 0.0], [0.0, -5.0], [0.0, 2.0], [1.0, 1.0], [-1.0, 0.0], [2.0, 0.0]])
+
+
+def exercise_cluster_less(selector: ClusterLessSelector, u: int) -> torch.Tensor:
+    targets = [FakeOps(gradients=torch.tensor([[1.0, 0.0], [0.6, 0.8]]))]
+    ops = FakeOps(embeddings=CLUSTER_EMB, gradients=CLUSTER_GRADS, targets=targets, optimizer=live_optimizer())
+    return selector.select(select_context(num_samples=4, update=u, ops=ops))
+
+
+TSDS_POOL = [{"input_ids": [i, i + 1]} for i in range(6)]
+TSDS_TARGETS = [{"input_ids": [9, 9]}]
+
+
+@functools.cache
+def tsds_model() -> torch.nn.Module:
+    """Read for its architecture only (part of the prepared file's fingerprint)."""
+    return make_model()
+
+
+def tsds_params(folder: Path) -> dict[str, Any]:
+    """Params over a prepared file written by hand for TSDS_POOL, TSDS_TARGETS and tsds_model()."""
+    params = TsdsParams(prepared=str(folder))
+    settings = embedding_settings(params.settings(), tsds_model())
+    fingerprint = pool_fingerprint(
+        pool_ids=row_token_ids(TSDS_POOL),
+        domains=torch.zeros(len(TSDS_POOL), dtype=torch.long),
+        domain_names=("x",),
+        target_ids=[row_token_ids(TSDS_TARGETS)],
+        settings=settings,
+    )
+    probabilities = {"probabilities": _t([0.1, 0.2, 0.1, 0.3, 0.2, 0.1])}
+    write_prepared(folder, "tsds", probabilities, fingerprint=fingerprint, settings=settings)
+    return {"prepared": str(folder)}
+
+
+def exercise_tsds(selector: TsdsSelector, u: int) -> torch.Tensor:
+    ops = FakeOps(dataset=TSDS_POOL, targets=[FakeOps(dataset=TSDS_TARGETS)], model=tsds_model())
+    return selector.select(select_context(num_samples=3, update=u, ops=ops))
+
+
+ADAPT_ANCHORS = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+ADAPT_BATCHES = torch.tensor([[[3.0, 0.0], [1.0, 1.0]], [[0.0, -1.0], [2.0, 1.0]], [[1.0, 3.0], [-1.0, 1.0]]])
+
+
+def exercise_adapt(weighter: AdaptWeighter, u: int) -> torch.Tensor:
+    # The anchors are embedded at train begin only (refresh_every is larger than the run).
+    if u == 0:
+        weighter.refresh(FakeOps(targets=[FakeOps(embeddings=ADAPT_ANCHORS)]))
+    return weighter.weigh(weight_context(torch.ones(2), embeddings=ADAPT_BATCHES[u], step=u + 1))
+
+
+#: (paradigm, name) -> its exercise; every stateful algorithm needs one.
+EXERCISES: dict[tuple[str, str], Exercise] = {
+    ("mix", "odm"): Exercise(exercise_odm),
+    ("mix", "doremi"): Exercise(exercise_doremi),
+    ("mix", "dynamic_moe"): Exercise(exercise_dynamic_moe, given(samples_per_domain=3)),
+    ("select", "delta_loss"): Exercise(exercise_delta_loss),
+    ("select", "near"): Exercise(exercise_near, given(neighbours=3)),
+    ("select", "cluster_less"): Exercise(
+        exercise_cluster_less, given(cluster_size=3, clustering="kcenter", pick="random")
+    ),
+    ("select", "tsds"): Exercise(exercise_tsds, tsds_params),
+    ("weight", "adapt"): Exercise(exercise_adapt),
+}
+
+#: Updates made before the checkpoint; the next one is made by both instances.
+UPDATES_BEFORE_SAVE = 2
+
+
+@dataclass(frozen=True)
+class RoundTripCase:
+    """A stateful algorithm, built directly or wrapped by its paradigm's ``custom`` algorithm."""
+
+    paradigm: str
+    name: str
+    wrapped: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.paradigm}-custom({self.name})" if self.wrapped else f"{self.paradigm}-{self.name}"
+
+    def build(self, folder: Path) -> Algorithm:
+        exercise = EXERCISES[(self.paradigm, self.name)]
+        data = exercise.params(folder) if exercise.params else MINIMAL_PARAMS.get((self.paradigm, self.name))
+        registry = registry_for(self.paradigm)
+        if not self.wrapped:
+            return build_from(registry.get(self.name), data)
+        cls = registry.get(self.name).cls
+        custom = {"path": f"{cls.__module__}:{cls.__qualname__}", "params": data or {}}
+        algorithm = build_from(registry.get("custom"), custom)
+        assert isinstance(algorithm, Plugin) and type(algorithm.inner) is cls
+        return algorithm
+
+
+ROUND_TRIP_CASES = [RoundTripCase(paradigm, name) for paradigm, name in EXERCISES] + [
+    RoundTripCase(paradigm, name, wrapped=True) for paradigm, name in EXERCISES if paradigm in ("select", "weight")
+]
+
+
+@pytest.mark.parametrize("case", ROUND_TRIP_CASES, ids=str)
+def test_state_round_trip_after_real_updates(case: RoundTripCase, tmp_path: Path) -> None:
+    exercise = EXERCISES[(case.paradigm, case.name)]
+
+    def update(algorithm: Algorithm, u: int) -> Any:
+        return exercise.update(unwrap(algorithm), u)
+
+    trained = case.build(tmp_path)
+    for u in range(UPDATES_BEFORE_SAVE):
+        update(trained, u)
+    state = trained.state_dict()
+    # The exercise reached every part of the state, so the checks below test something.
+    untouched = case.build(tmp_path).state_dict()
+    assert state.keys() == untouched.keys()
+    unchanged = [key for key in state if same_state(state[key], untouched[key])]
+    assert not unchanged, f"{case}: the exercise left {unchanged} as in a fresh instance"
+
+    saved = through_checkpoint(state)
+    assert same_state(saved, state)
+    resumed = case.build(tmp_path)
+    resumed.load_state_dict(saved)
+    assert same_state(resumed.state_dict(), state)
+
+    # The resumed instance continues exactly as the one that made the updates.
+    assert same_state(update(resumed, UPDATES_BEFORE_SAVE), update(trained, UPDATES_BEFORE_SAVE))
+    assert same_state(resumed.state_dict(), trained.state_dict())
+
+
+def test_every_stateful_algorithm_has_an_exercise() -> None:
+    stateful = {(spec.paradigm, spec.name) for spec in SPECS if keeps_state(build(spec))}
+    missing = sorted(stateful - set(EXERCISES))
+    assert not missing, f"add an exercise to EXERCISES in tests/test_registry.py for: {missing}"
+    assert set(EXERCISES) <= stateful, (
+        f"exercises of algorithms that keep no state: {sorted(set(EXERCISES) - stateful)}"
+    )
 
 
 # -- examples ---------------------------------------------------------------------------------

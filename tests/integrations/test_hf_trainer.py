@@ -11,17 +11,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.factories import make_dataset, make_model
-from transformers import TrainerCallback, TrainingArguments, default_data_collator
+from tests.factories import make_dataset, make_model, select_context, training_args, without_seconds
+from transformers import TrainerCallback, default_data_collator
 
 from datasteer.controller import digest
 from datasteer.errors import SteeringStateError
 from datasteer.hf import SteeringTrainer
 from datasteer.ops import INDEX_KEY
 from datasteer.registry import WEIGHTERS
-from datasteer.rng import torch_generator
 from datasteer.runlog import read_records
-from datasteer.selectors.base import SelectContext
 from datasteer.selectors.random import RandomSelector, RandomSelectParams
 from datasteer.weighters.base import WeightContext, Weighter
 
@@ -69,19 +67,13 @@ def run(
     workers: int = 0,
     eval_dataset=None,
 ) -> RecordingTrainer:
-    args = TrainingArguments(
-        output_dir=str(out),
+    args = training_args(
+        out,
         per_device_train_batch_size=bs,
         gradient_accumulation_steps=ga,
         max_steps=max_steps,
-        learning_rate=1e-2,
         logging_steps=1,
         save_steps=save_steps,
-        report_to=[],
-        use_cpu=True,
-        seed=3,
-        disable_tqdm=True,
-        dataloader_pin_memory=False,
         dataloader_num_workers=workers,
     )
     trainer = RecordingTrainer(
@@ -97,10 +89,6 @@ def run(
     return trainer
 
 
-def without_seconds(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
-
-
 def test_select_serves_exactly_the_selected_indices(tmp_path: Path) -> None:
     steering = {"paradigm": "select", "algorithm": "random", "warmup_steps": 2, "update_every": 3, "seed": 11}
     trainer = run(tmp_path, steering, max_steps=11)
@@ -114,18 +102,16 @@ def test_select_serves_exactly_the_selected_indices(tmp_path: Path) -> None:
     for record in records:
         first, last = record["first_step"], record["last_step"]
         n = 8 * (last - first + 1)
-        ctx = SelectContext(
+        ctx = select_context(
+            num_samples=n,
+            pool_size=pool,
+            update=record["update"],
+            total_updates=len(records),
+            seed=11,
             step=record["step"],
             first_step=first,
             last_step=last,
             max_steps=11,
-            update=record["update"],
-            total_updates=len(records),
-            num_samples=n,
-            pool_size=pool,
-            domains=torch.zeros(pool, dtype=torch.long),
-            domain_names=("x",),
-            generator=torch_generator(11, "select", record["update"]),
         )
         expected = RandomSelector(RandomSelectParams()).select(ctx).numpy()
         assert record["digest"] == digest(expected)
@@ -432,7 +418,7 @@ def test_proportions_of_the_wrong_length_fail_when_the_trainer_is_built(tmp_path
     from datasteer.errors import ConfigError
 
     steering = {"paradigm": "mix", "algorithm": "static", "params": {"proportions": [0.5, 0.5]}}
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
+    args = training_args(tmp_path, max_steps=1)
     with pytest.raises(ConfigError, match=r"expected 3 proportions \(one per domain\), got 2"):
         SteeringTrainer(
             model=make_model(),
@@ -467,17 +453,7 @@ def test_uniform_weights_keep_the_trainers_label_smoothing(tmp_path: Path) -> No
     equal length, so the per-sample mean is the token mean)."""
 
     def first_step_losses(out: Path, steering: dict[str, Any] | None) -> list[float]:
-        args = TrainingArguments(
-            output_dir=str(out),
-            per_device_train_batch_size=4,
-            max_steps=1,
-            label_smoothing_factor=0.1,
-            report_to=[],
-            use_cpu=True,
-            seed=3,
-            disable_tqdm=True,
-            dataloader_pin_memory=False,
-        )
+        args = training_args(out, per_device_train_batch_size=4, max_steps=1, label_smoothing_factor=0.1)
         trainer = RecordingTrainer(
             model=make_model(),
             args=args,
@@ -517,7 +493,7 @@ def test_smoothing_changes_the_per_sample_losses() -> None:
 def test_a_custom_loss_function_is_refused_with_a_weight_stage(tmp_path: Path) -> None:
     from datasteer.errors import ConfigError
 
-    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=1)
+    args = training_args(tmp_path, max_steps=1)
     with pytest.raises(ConfigError, match=r"^compute_loss_func: weight/uniform weights each sample's loss"):
         SteeringTrainer(
             model=make_model(),
@@ -562,17 +538,7 @@ def test_adapt_makes_no_forward_beyond_the_trainers_own_except_anchor_refreshes(
     anchors = make_dataset((3, 3, 3), seed=5)  # 9 rows: 2 forwards per refresh at eval batch 8
 
     def forwards(out: Path, steering: dict[str, Any] | None) -> tuple[int, list[dict[str, Any]]]:
-        args = TrainingArguments(
-            output_dir=str(out),
-            per_device_train_batch_size=4,
-            gradient_accumulation_steps=2,
-            max_steps=6,
-            report_to=[],
-            use_cpu=True,
-            seed=3,
-            disable_tqdm=True,
-            dataloader_pin_memory=False,
-        )
+        args = training_args(out, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=6)
         model = make_model()
         counter = ForwardCounter(model)
         trainer = SteeringTrainer(

@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from tests.factories import without_seconds
 
 from datasteer.cli import main
 from datasteer.hf import STATE_FILE
@@ -34,10 +35,6 @@ def assets_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 
 def train(config: Path | str, out: Path, *extra: str) -> None:
     assert main(["train", str(config), f"output_dir={out}", *QUICK, *extra]) == 0
-
-
-def without_seconds(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
 
 
 def test_pt_full_mixing_trains_only_the_domains_it_is_told(tmp_path: Path) -> None:

@@ -9,24 +9,12 @@ import torch
 
 from datasteer.errors import ConfigError, SteeringStateError
 from datasteer.weighters.adapt import AdaptParams, AdaptWeighter
-from datasteer.weighters.base import WeightContext
+from tests.factories import weight_context
 from tests.fakes import FakeOps
 
 ANCHORS = torch.tensor([[1.0, 0.0], [0.0, 2.0]])  # normalised: e1, e2
 BATCH = torch.tensor([[3.0, 0.0], [1.0, 1.0], [0.0, -1.0]])
-
-
-def ctx(embeddings: torch.Tensor | None) -> WeightContext:
-    n = 3
-    return WeightContext(
-        step=1,
-        max_steps=1,
-        losses=torch.ones(n),
-        indices=torch.arange(n),
-        domains=torch.zeros(n, dtype=torch.long),
-        generator=torch.Generator(),
-        embeddings=embeddings,
-    )
+LOSSES = torch.ones(3)  # unread: the weights depend on the embeddings only
 
 
 def refreshed(**params: object) -> AdaptWeighter:
@@ -43,8 +31,8 @@ def test_weights_are_a_sigmoid_of_the_mean_cosine_to_the_anchors() -> None:
     means = [0.5, 1 / math.sqrt(2), -0.5]
     raw = [1 / (1 + math.exp(-m / 0.5)) for m in means]
     weighter = refreshed(tau=0.5)
-    torch.testing.assert_close(weighter.weigh(ctx(BATCH)), torch.tensor(raw))
-    normalised = refreshed(tau=0.5, normalize=True).weigh(ctx(BATCH))
+    torch.testing.assert_close(weighter.weigh(weight_context(LOSSES, embeddings=BATCH)), torch.tensor(raw))
+    normalised = refreshed(tau=0.5, normalize=True).weigh(weight_context(LOSSES, embeddings=BATCH))
     torch.testing.assert_close(normalised, torch.tensor([3 * r / sum(raw) for r in raw]))
 
 
@@ -52,19 +40,21 @@ def test_center_subtracts_the_batch_mean_score() -> None:
     means = [0.5, 1 / math.sqrt(2), -0.5]
     avg = sum(means) / 3
     expected = [1 / (1 + math.exp(-(m - avg) / 0.5)) for m in means]
-    torch.testing.assert_close(refreshed(tau=0.5, center=True).weigh(ctx(BATCH)), torch.tensor(expected))
+    torch.testing.assert_close(
+        refreshed(tau=0.5, center=True).weigh(weight_context(LOSSES, embeddings=BATCH)), torch.tensor(expected)
+    )
 
 
 def test_clip_bounds_the_raw_weights() -> None:
-    w = refreshed(tau=0.5, clip=0.6).weigh(ctx(BATCH))
+    w = refreshed(tau=0.5, clip=0.6).weigh(weight_context(LOSSES, embeddings=BATCH))
     assert float(w.max()) == pytest.approx(0.6) and float(w[2]) < 0.6
 
 
 def test_needs_anchors_and_embeddings() -> None:
     with pytest.raises(SteeringStateError, match="anchors were not embedded"):
-        AdaptWeighter(AdaptParams()).weigh(ctx(BATCH))
+        AdaptWeighter(AdaptParams()).weigh(weight_context(LOSSES, embeddings=BATCH))
     with pytest.raises(SteeringStateError, match="embeddings are missing"):
-        refreshed().weigh(ctx(None))
+        refreshed().weigh(weight_context(LOSSES))
     with pytest.raises(SteeringStateError, match="needs target samples"):
         AdaptWeighter(AdaptParams()).refresh(FakeOps())
 
@@ -73,7 +63,9 @@ def test_state_round_trip_keeps_the_anchors() -> None:
     weighter = refreshed()
     fresh = AdaptWeighter(AdaptParams())
     fresh.load_state_dict(weighter.state_dict())
-    torch.testing.assert_close(fresh.weigh(ctx(BATCH)), weighter.weigh(ctx(BATCH)))
+    torch.testing.assert_close(
+        fresh.weigh(weight_context(LOSSES, embeddings=BATCH)), weighter.weigh(weight_context(LOSSES, embeddings=BATCH))
+    )
 
 
 @pytest.mark.parametrize("bad", [{"tau": 0.0}, {"refresh_every": 0}, {"clip": -1.0}])

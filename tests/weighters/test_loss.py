@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from datasteer.weighters.base import WeightContext
 from datasteer.weighters.loss import LossWeighter, LossWeightParams
+from tests.factories import weight_context
 
 LOSSES = torch.tensor([1.0, 2.0, 3.0, 5.0])
 # min 1, max 5: n = (2 l - 6) / 4 * delta = [-1, -0.5, 0, 1] for delta = 1
@@ -20,18 +20,6 @@ SCORES = {
 }
 
 
-def ctx(losses: torch.Tensor, step: int = 1, max_steps: int = 10) -> WeightContext:
-    n = len(losses)
-    return WeightContext(
-        step=step,
-        max_steps=max_steps,
-        losses=losses,
-        indices=torch.arange(n),
-        domains=torch.zeros(n, dtype=torch.long),
-        generator=torch.Generator(),
-    )
-
-
 def softmax_times_n(scores: list[float], r: float) -> list[float]:
     exp = [math.exp(s / r) for s in scores]
     return [len(scores) * e / sum(exp) for e in exp]
@@ -41,7 +29,7 @@ def softmax_times_n(scores: list[float], r: float) -> list[float]:
 def test_strategy_weights_by_hand(strategy: str) -> None:
     weighter = LossWeighter(LossWeightParams(strategy=strategy))  # type: ignore[arg-type]
     torch.testing.assert_close(weighter.scores(LOSSES), torch.tensor(SCORES[strategy], dtype=torch.float64))
-    weights = weighter.weigh(ctx(LOSSES))
+    weights = weighter.weigh(weight_context(LOSSES))
     torch.testing.assert_close(weights, torch.tensor(softmax_times_n(SCORES[strategy], 1.0), dtype=torch.float64))
     assert float(weights.mean()) == pytest.approx(1.0)
 
@@ -50,21 +38,21 @@ def test_delta_and_temperature() -> None:
     weighter = LossWeighter(LossWeightParams(strategy="uniform", delta=2.0, temperature=0.5))
     # n = [-2, -1, 0, 2]; scores / r = [-4, -2, 0, 4]
     expected = softmax_times_n([-2.0, -1.0, 0.0, 2.0], 0.5)
-    torch.testing.assert_close(weighter.weigh(ctx(LOSSES)), torch.tensor(expected, dtype=torch.float64))
+    torch.testing.assert_close(weighter.weigh(weight_context(LOSSES)), torch.tensor(expected, dtype=torch.float64))
     # the weighted loss (1/b) sum w l is the paper's sum softmax_i l_i
-    w = weighter.weigh(ctx(LOSSES))
+    w = weighter.weigh(weight_context(LOSSES))
     soft = torch.softmax(torch.tensor([-4.0, -2.0, 0.0, 4.0], dtype=torch.float64), 0)
     assert float((w * LOSSES).mean()) == pytest.approx(float((soft * LOSSES).sum()))
 
 
 def test_linupper_favours_high_losses_and_caps_them() -> None:
-    w = LossWeighter(LossWeightParams()).weigh(ctx(LOSSES))
+    w = LossWeighter(LossWeightParams()).weigh(weight_context(LOSSES))
     assert w[0] < w[1] < w[2] and w[2] == w[3]
 
 
 def test_equal_losses_give_uniform_weights() -> None:
     for strategy in SCORES:
-        w = LossWeighter(LossWeightParams(strategy=strategy)).weigh(ctx(torch.full((3,), 2.5)))  # type: ignore[arg-type]
+        w = LossWeighter(LossWeightParams(strategy=strategy)).weigh(weight_context(torch.full((3,), 2.5)))  # type: ignore[arg-type]
         torch.testing.assert_close(w, torch.ones(3, dtype=torch.float64))
 
 
@@ -74,7 +62,9 @@ def test_temperature_schedule_is_linear_over_steps() -> None:
     fixed = LossWeighter(LossWeightParams(temperature=2.0))
     assert fixed.temperature(1, 4) == fixed.temperature(4, 4) == 2.0
     expected = softmax_times_n(SCORES["linupper"], 0.5)
-    torch.testing.assert_close(weighter.weigh(ctx(LOSSES, step=4, max_steps=4)), torch.tensor(expected).double())
+    torch.testing.assert_close(
+        weighter.weigh(weight_context(LOSSES, step=4, max_steps=4)), torch.tensor(expected).double()
+    )
 
 
 @pytest.mark.parametrize("bad", [{"delta": 0.0}, {"temperature": -1.0}, {"temperature_end": 0.0}])

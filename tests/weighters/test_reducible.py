@@ -9,27 +9,14 @@ import torch
 
 from datasteer.errors import ConfigError, SteeringStateError
 from datasteer.plan import build_plan
-from datasteer.weighters.base import WeightContext
 from datasteer.weighters.reducible import ReducibleLossWeighter, ReducibleParams
-
-
-def ctx(losses: list[float], reference: list[float] | None) -> WeightContext:
-    n = len(losses)
-    return WeightContext(
-        step=1,
-        max_steps=1,
-        losses=torch.tensor(losses),
-        indices=torch.arange(n),
-        domains=torch.zeros(n, dtype=torch.long),
-        generator=torch.Generator(),
-        reference_losses=None if reference is None else torch.tensor(reference),
-    )
+from tests.factories import weight_context
 
 
 def test_soft_weights_by_hand() -> None:
     weighter = ReducibleLossWeighter(ReducibleParams(reference_model="ref", temperature=0.5))
     # reducible = [3 - 2.5, 4 - 1, 6 - 6] = [0.5, 3, 0]; / 0.5 = [1, 6, 0]
-    w = weighter.weigh(ctx([3.0, 4.0, 6.0], [2.5, 1.0, 6.0]))
+    w = weighter.weigh(weight_context(torch.tensor([3.0, 4.0, 6.0]), reference_losses=torch.tensor([2.5, 1.0, 6.0])))
     exp = [math.exp(1.0), math.exp(6.0), math.exp(0.0)]
     torch.testing.assert_close(w, torch.tensor([3 * e / sum(exp) for e in exp], dtype=torch.float64))
     # the noisiest sample (highest training loss, all of it irreducible) weighs least
@@ -38,15 +25,19 @@ def test_soft_weights_by_hand() -> None:
 
 def test_hard_fraction_keeps_the_top_reducible_losses() -> None:
     weighter = ReducibleLossWeighter(ReducibleParams(reference_model="ref", fraction=0.5))
-    w = weighter.weigh(ctx([3.0, 4.0, 6.0, 1.0], [2.5, 1.0, 6.0, 0.0]))  # reducible [0.5, 3, 0, 1]
+    w = weighter.weigh(
+        weight_context(torch.tensor([3.0, 4.0, 6.0, 1.0]), reference_losses=torch.tensor([2.5, 1.0, 6.0, 0.0]))
+    )  # reducible [0.5, 3, 0, 1]
     torch.testing.assert_close(w, torch.tensor([0.0, 2.0, 0.0, 2.0], dtype=torch.float64))
-    odd = weighter.weigh(ctx([1.0, 2.0, 3.0], [0.0, 0.0, 0.0]))  # keep ceil(1.5) = 2
+    odd = weighter.weigh(
+        weight_context(torch.tensor([1.0, 2.0, 3.0]), reference_losses=torch.tensor([0.0, 0.0, 0.0]))
+    )  # keep ceil(1.5) = 2
     torch.testing.assert_close(odd, torch.tensor([0.0, 1.5, 1.5], dtype=torch.float64))
 
 
 def test_needs_the_reference_losses() -> None:
     with pytest.raises(SteeringStateError, match="reference model's losses are missing"):
-        ReducibleLossWeighter(ReducibleParams(reference_model="ref")).weigh(ctx([1.0], None))
+        ReducibleLossWeighter(ReducibleParams(reference_model="ref")).weigh(weight_context(torch.tensor([1.0])))
 
 
 def test_params_and_plan() -> None:
