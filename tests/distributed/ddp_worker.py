@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch.distributed as dist
-from tests.factories import make_dataset, make_model, make_sft_dataset
+from tests.factories import make_dataset, make_model, make_sft_dataset, training_args
 from transformers import TrainingArguments, default_data_collator
 
 from datasteer.hf import SteeringTrainer
@@ -80,20 +80,13 @@ def worker_args(out: Path, **overrides: object) -> TrainingArguments:
     number of ranks, 7 steps, CPU, gloo with several ranks."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     settings: dict[str, object] = {
-        "output_dir": str(out),
         "per_device_train_batch_size": 4 // world,
         "gradient_accumulation_steps": 2,
         "max_steps": 7,
-        "learning_rate": 1e-2,
         "save_strategy": "no",
-        "report_to": [],
-        "use_cpu": True,
         "ddp_backend": "gloo" if world > 1 else None,
-        "seed": 3,
-        "disable_tqdm": True,
-        "dataloader_pin_memory": False,
     }
-    return TrainingArguments(**{**settings, **overrides})  # type: ignore[arg-type]
+    return training_args(out, **{**settings, **overrides})
 
 
 def leave() -> None:

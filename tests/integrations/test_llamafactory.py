@@ -93,12 +93,11 @@ def test_without_a_datasteer_block_it_is_plain_llamafactory(tmp_path: Path) -> N
 
 
 @pytest.mark.slow
-def test_resume_through_llamafactory_matches_an_uninterrupted_run(tmp_path: Path) -> None:
-    config = EXAMPLES / "mix_random.yaml"
-    steps = ["datasteer.update_every=2", "max_steps=9"]
+def check_resume_after_a_kill(tmp_path: Path, config: Path, steps: list[str]) -> list[dict]:
+    """Train ``config`` uninterrupted, then as a run killed after checkpoint-3 (everything later
+    lost except the event records, which, as after a crash, run past the checkpoint) and
+    resumed: the records and the final weights must be the same. Returns the records."""
     train(config, tmp_path / "full", *steps)
-    # An interrupted run: the same run, with everything after checkpoint-3 lost except the
-    # event records, which (as after a crash) run past the checkpoint.
     part = tmp_path / "part"
     shutil.copytree(tmp_path / "full", part)
     for folder in ("checkpoint-6", "checkpoint-9"):
@@ -108,15 +107,23 @@ def test_resume_through_llamafactory_matches_an_uninterrupted_run(tmp_path: Path
     assert max(r["step"] for r in read_records(part / "steering.jsonl")) > 3
     resume = [f"resume_from_checkpoint={part / 'checkpoint-3'}", "overwrite_output_dir=false"]
     train(config, part, *steps, *resume)
-    resumed = read_records(part / "steering.jsonl")
-    assert max(r["step"] for r in resumed) > 3
-    assert without_seconds(resumed) == without_seconds(read_records(tmp_path / "full" / "steering.jsonl"))
-    # Same data order after the resume (the mixture's per-domain positions were restored),
-    # hence the same final weights.
+    full = read_records(tmp_path / "full" / "steering.jsonl")
+    assert without_seconds(read_records(part / "steering.jsonl")) == without_seconds(full)
+    # Same data order after the resume (the stream's positions were restored), hence the
+    # same final weights.
     full_weights = load_file(tmp_path / "full" / "model.safetensors")
     part_weights = load_file(part / "model.safetensors")
     for name, tensor in full_weights.items():
         torch.testing.assert_close(part_weights[name], tensor, rtol=1e-5, atol=1e-6)
+    return full
+
+
+@pytest.mark.slow
+def test_resume_through_llamafactory_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    records = check_resume_after_a_kill(
+        tmp_path, EXAMPLES / "mix_random.yaml", ["datasteer.update_every=2", "max_steps=9"]
+    )
+    assert max(r["step"] for r in records) > 3
 
 
 @pytest.mark.slow
@@ -184,25 +191,9 @@ def test_one_run_builds_each_algorithm_once_and_parses_llamafactory_args_once(
 
 @pytest.mark.slow
 def test_composed_run_resumes_exactly_after_a_kill(tmp_path: Path) -> None:
-    """mix/odm + select/loss, interrupted after checkpoint-3 (later files lost, records past the
-    checkpoint kept, as after a crash): the resumed run writes the same records and ends with
-    the same weights as an uninterrupted one."""
-    config = EXAMPLES / "compose_odm_select_loss.yaml"
+    """mix/odm + select/loss, killed after checkpoint-3 and resumed: the same records and
+    final weights as an uninterrupted run."""
     steps = ["max_steps=9", "datasteer.select.warmup_steps=1", "datasteer.select.update_every=3"]
     steps += ["datasteer.select.params.candidates=32"]
-    train(config, tmp_path / "full", *steps)
-    part = tmp_path / "part"
-    shutil.copytree(tmp_path / "full", part)
-    for folder in ("checkpoint-6", "checkpoint-9"):
-        shutil.rmtree(part / folder)
-    for name in ("model.safetensors", "trainer_state.json", "all_results.json", "train_results.json"):
-        (part / name).unlink(missing_ok=True)
-    resume = [f"resume_from_checkpoint={part / 'checkpoint-3'}", "overwrite_output_dir=false"]
-    train(config, part, *steps, *resume)
-    full = read_records(tmp_path / "full" / "steering.jsonl")
-    assert {r["paradigm"] for r in full} == {"mix", "select"}
-    assert without_seconds(read_records(part / "steering.jsonl")) == without_seconds(full)
-    full_weights = load_file(tmp_path / "full" / "model.safetensors")
-    part_weights = load_file(part / "model.safetensors")
-    for name, tensor in full_weights.items():
-        torch.testing.assert_close(part_weights[name], tensor, rtol=1e-5, atol=1e-6)
+    records = check_resume_after_a_kill(tmp_path, EXAMPLES / "compose_odm_select_loss.yaml", steps)
+    assert {r["paradigm"] for r in records} == {"mix", "select"}

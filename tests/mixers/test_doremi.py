@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import TrainingArguments, default_data_collator
+from transformers import default_data_collator
 
 from datasteer.config import load_steering, parse_dataclass
 from datasteer.errors import ConfigError
@@ -18,7 +18,7 @@ from datasteer.mixers.doremi import DoReMiMixer, DoReMiParams
 from datasteer.mixers.static import StaticMixer, StaticParams
 from datasteer.ops import INDEX_KEY, per_sample_loss
 from datasteer.runlog import read_records
-from tests.factories import make_dataset, make_model, mix_context
+from tests.factories import make_dataset, make_model, mix_context, training_args
 
 
 def stats(tokens: list[float], excess: list[float], step: int = 1) -> DomainStats:
@@ -121,19 +121,7 @@ def save_reference(folder: Path) -> str:
 
 
 def proxy_trainer(out: Path, reference: str, max_steps: int = 4, save_steps: int = 1000) -> SteeringTrainer:
-    args = TrainingArguments(
-        output_dir=str(out),
-        per_device_train_batch_size=8,
-        gradient_accumulation_steps=1,
-        max_steps=max_steps,
-        learning_rate=1e-2,
-        save_steps=save_steps,
-        report_to=[],
-        use_cpu=True,
-        seed=3,
-        disable_tqdm=True,
-        dataloader_pin_memory=False,
-    )
+    args = training_args(out, per_device_train_batch_size=8, max_steps=max_steps, save_steps=save_steps)
     steering = {"paradigm": "mix", "algorithm": "doremi", "update_every": 2, "params": {"reference_model": reference}}
     return SteeringTrainer(
         model=make_model(),

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import TrainingArguments, default_data_collator
+from transformers import default_data_collator
 
 from datasteer.config import parse_dataclass
 from datasteer.errors import ConfigError
 from datasteer.hf import SteeringTrainer
 from datasteer.mixers.dynamic_moe import DynamicMoEMixer, DynamicMoEParams, load_distances, update_weights
 from datasteer.runlog import read_records
-from tests.factories import make_dataset, make_moe_model, mix_context
+from tests.factories import make_dataset, make_moe_model, mix_context, training_args
 from tests.fakes import FakeOps
 
 R2 = math.sqrt(2.0)
@@ -187,17 +187,7 @@ def test_trains_a_tiny_moe_with_frozen_routers(tmp_path: Path) -> None:
     proportions are recorded and equal the mixer's weights."""
     model = make_moe_model()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        max_steps=6,
-        learning_rate=1e-2,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=3,
-    )
+    args = training_args(tmp_path, per_device_train_batch_size=4, max_steps=6, save_strategy="no")
     steering = {
         "paradigm": "mix",
         "algorithm": "dynamic_moe",
