@@ -23,6 +23,8 @@ from datasteer.runlog import read_records
 from datasteer.selectors.random import RandomSelector, RandomSelectParams
 from datasteer.weighters.base import WeightContext, Weighter
 
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
 
 class RecordingTrainer(SteeringTrainer):
     """Records, per micro-batch, the optimizer step, the pool indices and the loss backpropagated."""
@@ -176,11 +178,12 @@ def ragged_dataset():
     return ds.map(mask, with_indices=True)
 
 
-def test_weighted_loss_equals_hand_computation(tmp_path: Path, index_weighter: str) -> None:
+@pytest.mark.parametrize("algorithm", ["_test_index", "uniform"])
+def test_weighted_loss_equals_hand_computation(tmp_path: Path, index_weighter: str, algorithm: str) -> None:
+    """Ragged rows (per-sample mean != token mean): the loss is (1/B) sum w_i l_i exactly; with
+    uniform weights, the plain mean of the per-sample token-mean losses."""
     dataset = ragged_dataset()
-    trainer = run(
-        tmp_path, {"paradigm": "weight", "algorithm": index_weighter}, bs=4, ga=2, max_steps=1, dataset=dataset
-    )
+    trainer = run(tmp_path, {"paradigm": "weight", "algorithm": algorithm}, bs=4, ga=2, max_steps=1, dataset=dataset)
     model = make_model()  # the weights every micro-batch of step 1 saw
     assert len(trainer.micro) == 2
     for _, indices, loss in trainer.micro:
@@ -193,11 +196,11 @@ def test_weighted_loss_equals_hand_computation(tmp_path: Path, index_weighter: s
         for b in range(len(rows)):
             keep = labels[b, 1:] != -100
             per_sample.append(F.cross_entropy(logits[b, :-1][keep], labels[b, 1:][keep]))
-        weights = torch.tensor([1.0 + i % 3 for i in indices])
+        weights = torch.tensor([1.0 + i % 3 if algorithm == index_weighter else 1.0 for i in indices])
         expected = (weights * torch.stack(per_sample)).sum() / len(rows) / 2  # / accumulation steps
         assert loss == pytest.approx(float(expected), rel=1e-5)
     (record,) = read_records(tmp_path / "steering.jsonl")
-    all_w = [1.0 + i % 3 for _, idx, _ in trainer.micro for i in idx]
+    all_w = [1.0 + i % 3 if algorithm == index_weighter else 1.0 for _, idx, _ in trainer.micro for i in idx]
     assert record["weight_mean"] == pytest.approx(np.mean(all_w))
     assert record["weight_min"] == min(all_w) and record["weight_max"] == max(all_w)
 
@@ -265,15 +268,24 @@ def test_resume_matches_an_uninterrupted_run(tmp_path: Path, steering: dict[str,
     [
         {"paradigm": "weight", "algorithm": "loss", "warmup_steps": 2, "params": {"temperature_end": 0.5}},
         {"paradigm": "weight", "algorithm": "adapt", "params": {"refresh_every": 3, "center": True, "tau": 0.1}},
+        {"paradigm": "weight", "algorithm": "reducible", "params": {"reference_model": "REFERENCE"}},
+        {
+            "paradigm": "weight",
+            "algorithm": "custom",
+            "params": {"path": str(EXAMPLES / "custom_weighter.py:DomainWeighter"), "params": {"weights": {"beta": 3}}},
+        },
         {
             "mix": {"algorithm": "random", "update_every": 2},
             "select": {"algorithm": "random", "warmup_steps": 1, "update_every": 3},
             "weight": {"algorithm": "loss"},
         },
     ],
-    ids=["loss", "adapt", "mix+select+weight"],
+    ids=["loss", "adapt", "reducible", "custom", "mix+select+weight"],
 )
 def test_weighted_resume_matches_an_uninterrupted_run(tmp_path: Path, steering: dict[str, Any]) -> None:
+    if steering.get("algorithm") == "reducible":
+        make_model(seed=1).save_pretrained(tmp_path / "reference")
+        steering = {**steering, "params": {"reference_model": str(tmp_path / "reference")}}
     anchors = make_dataset((2, 2, 2), seed=5)
     full = run(tmp_path / "full", steering, max_steps=9, save_steps=4, eval_dataset=anchors)
     part = tmp_path / "part"
