@@ -27,6 +27,20 @@ STEERING = {
     "weight": {"paradigm": "weight", "algorithm": "uniform"},
     "odm": {"paradigm": "mix", "algorithm": "odm", "update_every": 1, "seed": 9},
     "weight_loss": {"paradigm": "weight", "algorithm": "loss", "params": {"temperature": 0.5}},
+    "weight_adapt": {"paradigm": "weight", "algorithm": "adapt", "params": {"tau": 0.05, "center": True}},
+    "weight_reducible": {
+        "paradigm": "weight",
+        "algorithm": "reducible",
+        "params": {"reference_model": os.environ.get("DATASTEER_TEST_REFERENCE", ""), "temperature": 0.2},
+    },
+    "weight_custom": {
+        "paradigm": "weight",
+        "algorithm": "custom",
+        "params": {
+            "path": str(Path(__file__).resolve().parents[2] / "examples" / "custom_weighter.py:DomainWeighter"),
+            "params": {"weights": {"beta": 3.0}},
+        },
+    },
     "compose": {
         "mix": {"algorithm": "random", "update_every": 2},
         "select": {"algorithm": "loss", "warmup_steps": 1, "update_every": 3},
