@@ -517,6 +517,19 @@ def test_a_custom_loss_function_is_refused_with_a_weight_stage(tmp_path: Path) -
         )
 
 
+def test_a_fused_loss_kernel_is_refused_when_per_sample_losses_are_needed(tmp_path: Path) -> None:
+    from datasteer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^use_liger_kernel: its fused loss returns no logits, and weight/loss"):
+        SteeringTrainer(
+            model=make_model(),
+            args=training_args(tmp_path, max_steps=1, use_liger_kernel=True),
+            train_dataset=make_dataset(),
+            data_collator=default_data_collator,
+            steering={"paradigm": "weight", "algorithm": "loss"},
+        )
+
+
 def test_the_accumulation_rule_is_used_only_on_tested_transformers(monkeypatch: pytest.MonkeyPatch) -> None:
     import transformers
 

@@ -226,6 +226,11 @@ class SteeringMixin:
             lag=lag,
             log=log,
         )
+        if self.steering.needs_sample_losses and getattr(args_, "use_liger_kernel", False):
+            raise ConfigError(
+                f"use_liger_kernel: its fused loss returns no logits, and {config.describe()} needs per-sample "
+                "losses from them; turn it off"
+            )
         if self.steering.weights_samples and trainer.compute_loss_func is not None:
             raise ConfigError(
                 f"compute_loss_func: {config.describe()} weights each sample's loss and needs per-sample "
