@@ -70,6 +70,20 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
         ({"datasteer.update_every": 0}, "datasteer.update_every: must be >= 1"),
         ({"datasteer.params.proportion": [1, 0, 0]}, "datasteer.params.proportion: unknown key"),
         ({"datasteer.paradigm": "mixx"}, "datasteer.paradigm: 'mixx' is not allowed"),
+        (
+            {"datasteer": {"mix": {"algorithm": "odm"}}, "enable_liger_kernel": True},
+            "enable_liger_kernel: its fused loss returns no logits, and mix/odm needs per-sample losses",
+        ),
+        (
+            {
+                "datasteer": {
+                    "mix": {"algorithm": "random"},
+                    "select": {"algorithm": "tsds", "params": {"prepared": "p"}},
+                }
+            },
+            "tsds draws from probabilities prepared over the whole pool",
+        ),
+        ({"datasteer": {"mix": {"algorithm": "random"}, "paradigm": "mix"}}, "datasteer.paradigm: the staged form"),
     ],
 )
 def test_bad_config_is_one_line_exit_2_and_writes_nothing(

@@ -375,3 +375,13 @@ def test_only_exponent_floats_are_rescued_from_strings() -> None:
     assert parse_scalar("nan") == "nan" and parse_scalar("inf") == "inf"
     assert parse_scalar("no") == "no" and parse_scalar("off") == "off"
     assert parse_scalar("false") is False
+
+
+@pytest.mark.parametrize("log_file", ["/etc/passwd", "../notes.txt", "sub/../../x.jsonl", "", "logs/"])
+def test_log_file_must_stay_inside_the_output_dir(log_file: str) -> None:
+    """A fresh run replaces its record: a path outside output_dir would overwrite a user's file."""
+    with pytest.raises(ConfigError, match=r"^datasteer\.log_file: .* must be a file name relative to output_dir"):
+        load_steering({"paradigm": "mix", "algorithm": "random", "log_file": log_file})
+    with pytest.raises(ConfigError, match=r"^datasteer\.log_file:"):
+        load_steering({"mix": {"algorithm": "random"}, "log_file": log_file})
+    assert load_steering({"paradigm": "mix", "algorithm": "random", "log_file": "logs/steer.jsonl"})

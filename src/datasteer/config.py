@@ -185,9 +185,15 @@ class StageConfig:
             raise ConfigError(f"max_updates: must be >= 1 or null, got {self.max_updates}")
 
 
-def _check_lag(lag: int | None) -> None:
+def _check_run_keys(lag: int | None, log_file: str) -> None:
     if lag is not None and lag < 1:
         raise ConfigError(f"lag: must be >= 1 (a plan cannot shape a batch already drawn), got {lag}")
+    # The record is replaced at the start of every fresh run: it must stay inside output_dir.
+    path = Path(log_file)
+    if not log_file.strip() or path.is_absolute() or ".." in path.parts or log_file.endswith(("/", "\\")):
+        raise ConfigError(
+            f"log_file: {log_file!r} must be a file name relative to output_dir, without '..' (a fresh run replaces it)"
+        )
 
 
 _SEED_HELP = "Seed of every steering draw; default: the training seed."
@@ -207,7 +213,7 @@ class _RunKeys:
     log_file: str = doc(_LOG_HELP, default="steering.jsonl")
 
     def __post_init__(self) -> None:
-        _check_lag(self.lag)
+        _check_run_keys(self.lag, self.log_file)
 
 
 @dataclass
@@ -225,7 +231,7 @@ class _SingleStage:
     log_file: str = doc(_LOG_HELP, default="steering.jsonl")
 
     def __post_init__(self) -> None:
-        _check_lag(self.lag)
+        _check_run_keys(self.lag, self.log_file)
 
 
 #: Keys of the one-paradigm form, in the order error messages list them.

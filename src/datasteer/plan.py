@@ -52,6 +52,12 @@ class SteeringPlan:
         paths = [a.reference_model() for a in algorithms if isinstance(a, ComparesToReference)]
         return paths[0] if paths else None
 
+    def needs_sample_losses(self) -> bool:
+        """Whether a stage needs each training batch's per-sample losses (from the logits)."""
+        from datasteer.drivers import DRIVERS
+
+        return any(DRIVERS[p].uses_sample_losses(unwrap(a)) for p, a in self.algorithms.items())
+
     def check_domains(self, domain_names: Sequence[str]) -> None:
         """Validate the params that depend on the domains (e.g. proportions of the right length)."""
         if self.mixer is not None:

@@ -92,10 +92,16 @@ class Driver(ABC, Generic[A]):
         self.schedule = Schedule(stage.warmup_steps, stage.update_every, stage.max_updates, lag)
 
     # -- capabilities the integrations ask for ---------------------------------------------
+    @classmethod
+    def uses_sample_losses(cls, algorithm: Any) -> bool:
+        """Whether a stage of this paradigm running ``algorithm`` needs each training batch's
+        per-sample losses (asked before anything loads, e.g. to refuse a fused-loss kernel)."""
+        return False
+
     @property
     def needs_sample_losses(self) -> bool:
         """Whether :meth:`observe` needs the batch's per-sample losses."""
-        return False
+        return self.uses_sample_losses(self.algorithm)
 
     @property
     def weights_loss(self) -> bool:

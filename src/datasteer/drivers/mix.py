@@ -49,9 +49,9 @@ class MixDriver(Driver[Mixer]):
         assert isinstance(self.run.sampler, MixtureSampler)
         return self.run.sampler
 
-    @property
-    def needs_sample_losses(self) -> bool:
-        return isinstance(self.algorithm, ObservesSteps | ShapesDomainLoss)
+    @classmethod
+    def uses_sample_losses(cls, algorithm: Any) -> bool:
+        return isinstance(algorithm, ObservesSteps | ShapesDomainLoss)
 
     @property
     def weights_loss(self) -> bool:

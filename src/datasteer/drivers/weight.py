@@ -43,8 +43,8 @@ class WeightDriver(Driver[Weighter]):
         self._seconds = 0.0
         self._micro = 0
 
-    @property
-    def needs_sample_losses(self) -> bool:
+    @classmethod
+    def uses_sample_losses(cls, algorithm: Any) -> bool:
         return True
 
     @property

@@ -65,9 +65,14 @@ def validate(args: dict[str, Any], steering: SteeringPlan) -> Any:
     check_version()
     from llamafactory.hparams import get_train_args
 
+    if args.get("enable_liger_kernel") and steering.needs_sample_losses():
+        raise ConfigError(
+            f"enable_liger_kernel: its fused loss returns no logits, and {steering.config.describe()} needs "
+            "per-sample losses from them; turn it off"
+        )
     try:
         model_args, data_args, training_args, finetuning_args, generating_args = get_train_args(dict(args))
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, ImportError) as err:
         raise ConfigError(f"LLaMA-Factory config: {str(err).splitlines()[0]}") from None
     if finetuning_args.stage not in STAGES:
         raise ConfigError(f"stage: datasteer steers stages {', '.join(STAGES)}, got {finetuning_args.stage!r}")
@@ -85,10 +90,6 @@ def validate(args: dict[str, Any], steering: SteeringPlan) -> Any:
         finetuning_args.use_dft_loss or finetuning_args.use_eaft_loss or finetuning_args.use_asft_loss
     ):
         raise ConfigError("use_dft_loss/use_eaft_loss/use_asft_loss: cannot be combined with a weight stage")
-    if "weight" in steering.paradigms and model_args.enable_liger_kernel:
-        raise ConfigError(
-            "enable_liger_kernel: its fused loss returns no logits, and a weight stage needs per-sample losses"
-        )
     steering.check_domains(list(data_args.dataset))
     return model_args, data_args, training_args, finetuning_args, generating_args
 
