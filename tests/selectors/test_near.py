@@ -56,6 +56,27 @@ def test_refresh_re_embeds_every_update() -> None:
     assert len(ops.calls_to("embeddings")) == 2
 
 
+def test_refreshed_lists_start_from_their_best_unused_neighbours() -> None:
+    """After a refresh the new lists are read from the top (minus what was served), not from
+    where the old lists' cursor stood."""
+    moved = POOL.clone()
+    moved[[5, 3]] = moved[[3, 5]]  # the model changed: sample 5 now sits where 3 was (93 deg)
+    ops = FakeOps(embeddings=[POOL, moved], targets=[FakeOps(embeddings=TARGETS)])
+    near = NearSelector(NearParams(neighbours=4, refresh=True))
+    assert near.select(select_context(ops=ops, num_samples=3, update=0)).tolist() == [0, 3, 1]
+    # new lists: target 0 -> 0, 1, 2, 6; target 1 -> 5, 4, 7, 6; rank-major 0, 5, 1, 4, 2, 7, ...
+    # unused: 5, 4, 2 (the old cursor, at position 3, would skip the new best neighbour 5)
+    assert near.select(select_context(ops=ops, num_samples=3, update=1)).tolist() == [5, 4, 2]
+
+
+def test_a_saved_state_does_not_move_with_later_updates() -> None:
+    near = NearSelector(NearParams(neighbours=4))
+    near.select(select_context(ops=fake_ops(), num_samples=3, update=0))
+    state = near.state_dict()
+    near.select(select_context(ops=fake_ops(), num_samples=3, update=1))
+    assert state["used"].nonzero().flatten().tolist() == [0, 1, 3]
+
+
 def test_bad_params() -> None:
     with pytest.raises(ConfigError, match="neighbours: must be >= 1"):
         parse_dataclass(NearParams, {"neighbours": 0}, "datasteer.params")

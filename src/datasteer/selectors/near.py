@@ -96,6 +96,9 @@ class NearSelector(Selector):
     def select(self, ctx: SelectContext) -> torch.Tensor:
         if self.neighbours is None or self.params.refresh:
             self.neighbours = self._neighbour_lists(ctx)
+            # New lists start over from their nearest neighbours; samples already served are
+            # skipped through ``used``, not through a cursor into the old lists.
+            self.cursor = 0
         if self.used is None:
             self.used = torch.zeros(ctx.pool_size, dtype=torch.bool)
         order = self.neighbours.T.reshape(-1)  # 1st neighbour of every target, then the 2nd, ...
@@ -120,7 +123,9 @@ class NearSelector(Selector):
         return torch.tensor(chosen, dtype=torch.long)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"neighbours": self.neighbours, "cursor": self.cursor, "used": self.used}
+        # A copy: select() changes ``used`` in place, and a saved state must not move with it.
+        used = self.used.clone() if self.used is not None else None
+        return {"neighbours": self.neighbours, "cursor": self.cursor, "used": used}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.neighbours, self.cursor, self.used = state["neighbours"], int(state["cursor"]), state["used"]
