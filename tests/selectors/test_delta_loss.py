@@ -84,3 +84,13 @@ def test_bad_params(raw: dict, message: str) -> None:
     with pytest.raises(ConfigError) as err:
         parse_dataclass(DeltaLossParams, raw, "datasteer.params")
     assert message in str(err.value)
+
+
+def test_a_window_cut_partly_by_negative_deltas_slides_back_whole() -> None:
+    """100 samples, window 30, halfway (start 35): only 50 deltas are positive, so the window
+    ends at 50 and starts at 20, still 30 wide (it used to shrink to [35, 50), 15 samples)."""
+    deltas = torch.cat([torch.linspace(5.0, 0.1, 50), torch.linspace(-0.1, -5.0, 50)])
+    params = DeltaLossParams(window_size=0.3)
+    assert window_bounds(deltas, 0.5, params) == (20, 50)
+    assert window_bounds(deltas, 0.0, params) == (0, 30)  # not cut: unchanged
+    assert window_bounds(-deltas.abs(), 0.5, params) == (0, 0)  # no positive delta: empty

@@ -46,9 +46,9 @@ def window_bounds(deltas_sorted: torch.Tensor, progress: float, params: DeltaLos
     start = int(1.0 / (1.0 + math.exp(-params.sharpness * (progress - 0.5))) * (n - width))
     positive = int((deltas_sorted > 0).sum())
     end = min(start + width, positive)
-    if end <= start:
-        start = max(0, end - width)
-    return start, max(start, end)
+    # Cut short by the negative deltas (even partly): slide back, keeping the width.
+    start = max(0, end - width)
+    return start, end
 
 
 @SELECTORS.register("delta_loss")
