@@ -215,3 +215,14 @@ def make_moe_model(seed: int = 0, *, kind: str = "qwen2_moe", layers: int = 3) -
 def make_sft_dataset(sizes: tuple[int, ...] = (40, 24, 16), seed: int = 0, prompt_len: int = 4) -> Dataset:
     """:func:`make_dataset` rows as prompt/response pairs: the first ``prompt_len`` labels are -100."""
     return make_dataset(sizes, seed).map(lambda row: {"labels": [-100] * prompt_len + row["labels"][prompt_len:]})
+
+
+def user_module_dir(tmp_path: Path, monkeypatch: Any, name: str, source: str) -> Path:
+    """Make ``tmp_path`` the working directory, holding ``<name>.py`` (also importable as module
+    ``name``) with ``source``, and ``broken.py``, which fails on import (for the ``custom``
+    algorithms' loading tests)."""
+    (tmp_path / f"{name}.py").write_text(source)
+    (tmp_path / "broken.py").write_text("raise RuntimeError('boom')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path

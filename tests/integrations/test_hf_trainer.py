@@ -91,6 +91,19 @@ def run(
     return trainer
 
 
+def build(out: Path, steering: dict[str, Any], **kwargs: Any) -> SteeringTrainer:
+    """A steered trainer on the tiny model and data, built but not trained (for the checks
+    made when it is built); ``kwargs`` go to the trainer, ``args`` defaults to one step."""
+    kwargs.setdefault("args", training_args(out, max_steps=1))
+    return SteeringTrainer(
+        model=make_model(),
+        train_dataset=make_dataset(),
+        data_collator=default_data_collator,
+        steering=steering,
+        **kwargs,
+    )
+
+
 def test_select_serves_exactly_the_selected_indices(tmp_path: Path) -> None:
     steering = {"paradigm": "select", "algorithm": "random", "warmup_steps": 2, "update_every": 3, "seed": 11}
     trainer = run(tmp_path, steering, max_steps=11)
@@ -430,15 +443,8 @@ def test_proportions_of_the_wrong_length_fail_when_the_trainer_is_built(tmp_path
     from datasteer.errors import ConfigError
 
     steering = {"paradigm": "mix", "algorithm": "static", "params": {"proportions": [0.5, 0.5]}}
-    args = training_args(tmp_path, max_steps=1)
     with pytest.raises(ConfigError, match=r"expected 3 proportions \(one per domain\), got 2"):
-        SteeringTrainer(
-            model=make_model(),
-            args=args,
-            train_dataset=make_dataset(),
-            data_collator=default_data_collator,
-            steering=steering,
-        )
+        build(tmp_path, steering)
 
 
 def test_evaluation_loaders_are_built_once_for_all_updates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -505,15 +511,11 @@ def test_smoothing_changes_the_per_sample_losses() -> None:
 def test_a_custom_loss_function_is_refused_with_a_weight_stage(tmp_path: Path) -> None:
     from datasteer.errors import ConfigError
 
-    args = training_args(tmp_path, max_steps=1)
     with pytest.raises(ConfigError, match=r"^compute_loss_func: weight/uniform weights each sample's loss"):
-        SteeringTrainer(
-            model=make_model(),
-            args=args,
-            train_dataset=make_dataset(),
-            data_collator=default_data_collator,
+        build(
+            tmp_path,
+            {"paradigm": "weight", "algorithm": "uniform"},
             compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.logits.sum(),
-            steering={"paradigm": "weight", "algorithm": "uniform"},
         )
 
 
@@ -521,12 +523,8 @@ def test_a_fused_loss_kernel_is_refused_when_per_sample_losses_are_needed(tmp_pa
     from datasteer.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"^use_liger_kernel: its fused loss returns no logits, and weight/loss"):
-        SteeringTrainer(
-            model=make_model(),
-            args=training_args(tmp_path, max_steps=1, use_liger_kernel=True),
-            train_dataset=make_dataset(),
-            data_collator=default_data_collator,
-            steering={"paradigm": "weight", "algorithm": "loss"},
+        build(
+            tmp_path, {"paradigm": "weight", "algorithm": "loss"}, args=training_args(tmp_path, use_liger_kernel=True)
         )
 
 

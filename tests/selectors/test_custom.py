@@ -12,7 +12,7 @@ from datasteer.errors import ConfigError
 from datasteer.registry import SELECTORS
 from datasteer.selectors.custom import CustomParams, CustomSelector, load_selector_class
 from datasteer.selectors.random import RandomSelector
-from tests.factories import select_context
+from tests.factories import select_context, user_module_dir
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "examples" / "custom_selector.py"
 
@@ -76,11 +76,7 @@ class NotASelector:
 @pytest.fixture
 def user_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A working directory with ``user_sel_mod.py`` (also importable as a module) and a broken file."""
-    (tmp_path / "user_sel_mod.py").write_text(USER_MODULE)
-    (tmp_path / "broken.py").write_text("raise RuntimeError('boom')\n")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return tmp_path
+    return user_module_dir(tmp_path, monkeypatch, "user_sel_mod", USER_MODULE)
 
 
 def parse(raw: dict) -> CustomParams:

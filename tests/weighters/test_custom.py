@@ -15,7 +15,7 @@ from datasteer.registry import WEIGHTERS
 from datasteer.weighters.base import Weighter
 from datasteer.weighters.custom import CustomWeighter, CustomWeightParams
 from datasteer.weighters.uniform import UniformWeighter
-from tests.factories import weight_context
+from tests.factories import user_module_dir, weight_context
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "examples" / "custom_weighter.py"
 
@@ -103,11 +103,7 @@ class NotAWeighter:
 @pytest.fixture
 def user_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A working directory with ``user_weigh_mod.py`` (also importable as a module) and a broken file."""
-    (tmp_path / "user_weigh_mod.py").write_text(USER_MODULE)
-    (tmp_path / "broken.py").write_text("raise RuntimeError('boom')\n")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return tmp_path
+    return user_module_dir(tmp_path, monkeypatch, "user_weigh_mod", USER_MODULE)
 
 
 def parse(raw: dict) -> CustomWeightParams:
