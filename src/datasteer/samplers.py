@@ -101,25 +101,39 @@ class SteeringSampler(Sampler[int]):
             yield from self.indices_for_step(step).tolist()
 
     # -- plans -----------------------------------------------------------------------
-    def add_plan(self, first_step: int, plan: Any) -> None:
-        """Serve ``plan`` from ``first_step`` on (until a later plan takes over)."""
+    # A track is a list of (first step, plan), ordered by step; the plan in force at a step
+    # is the last one that starts at or before it. The mixture keeps a second track.
+    def _registered(self, track: list[tuple[int, Any]], first_step: int, plan: Any) -> list[tuple[int, Any]]:
+        """``track`` with ``plan`` in force from ``first_step`` on (later plans dropped)."""
         if first_step <= self.max_drawn_step:
             raise SteeringStateError(
                 f"a steering update for step {first_step} arrived after the data loader drew step "
                 f"{self.max_drawn_step}; raise datasteer.lag (data loader workers prefetch batches ahead)"
             )
-        self._plans = [(s, p) for s, p in self._plans if s < first_step]
-        self._plans.append((first_step, plan))
+        return [*((s, p) for s, p in track if s < first_step), (first_step, plan)]
 
-    def plan_at(self, step: int) -> tuple[int, Any]:
-        """(first step, plan) in force at ``step``."""
+    @staticmethod
+    def _in_force(track: list[tuple[int, Any]], step: int) -> tuple[int, Any]:
         current = None
-        for first, plan in self._plans:
+        for first, plan in track:
             if first <= step:
                 current = (first, plan)
         if current is None:
             raise SteeringStateError(f"no steering plan covers step {step}")
         return current
+
+    def _kept(self, track: list[tuple[int, Any]], step: int) -> list[tuple[int, Any]]:
+        """The plans of ``track`` a resume after ``step`` needs, as tensors (for the state)."""
+        first, plan = self._in_force(track, step + 1)
+        return [(s, _to_tensor(p)) for s, p in [(first, plan), *((s, p) for s, p in track if s > first)]]
+
+    def add_plan(self, first_step: int, plan: Any) -> None:
+        """Serve ``plan`` from ``first_step`` on (until a later plan takes over)."""
+        self._plans = self._registered(self._plans, first_step, plan)
+
+    def plan_at(self, step: int) -> tuple[int, Any]:
+        """(first step, plan) in force at ``step``."""
+        return self._in_force(self._plans, step)
 
     def indices_for_step(self, step: int) -> np.ndarray:
         """The ``global_batch`` pool indices of optimizer step ``step``."""
@@ -134,11 +148,9 @@ class SteeringSampler(Sampler[int]):
     # -- state -----------------------------------------------------------------------
     def state_dict(self, step: int) -> dict[str, Any]:
         """State to continue with step ``step + 1`` after a resume at ``step``."""
-        first, plan = self.plan_at(step + 1)
-        keep = [(first, plan), *((s, p) for s, p in self._plans if s > first)]
         return {
             "step": step,
-            "plans": [(s, _to_tensor(p)) for s, p in keep],
+            "plans": self._kept(self._plans, step),
             "pool_size": self.pool_size,
             "global_batch": self.global_batch,
             "seed": self.seed,
@@ -167,6 +179,16 @@ def _from_tensor(plan: Any) -> Any:
     return plan.numpy() if isinstance(plan, torch.Tensor) else plan
 
 
+def _checked_selection(indices: Any, pool_size: int) -> np.ndarray:
+    """``indices`` as a non-empty 1-D int64 array of pool indices; ValueError otherwise."""
+    chosen = np.asarray(indices, dtype=np.int64)
+    if chosen.ndim != 1 or chosen.size == 0:
+        raise ValueError("a selection must be a non-empty 1-D array of pool indices")
+    if chosen.min() < 0 or chosen.max() >= pool_size:
+        raise ValueError(f"selected indices must lie in [0, {pool_size})")
+    return chosen
+
+
 class SelectionSampler(SteeringSampler):
     """Serves the current selection; before the first one, a shuffle of the whole pool.
 
@@ -187,13 +209,7 @@ class SelectionSampler(SteeringSampler):
         return np.asarray(plan)[self._perms.lookup(("selection", first), len(plan), positions)]
 
     def add_plan(self, first_step: int, plan: Any) -> None:
-        if plan is not None:
-            plan = np.asarray(plan, dtype=np.int64)
-            if plan.ndim != 1 or plan.size == 0:
-                raise ValueError("a selection must be a non-empty 1-D array of pool indices")
-            if plan.min() < 0 or plan.max() >= self.pool_size:
-                raise ValueError(f"selected indices must lie in [0, {self.pool_size})")
-        super().add_plan(first_step, plan)
+        super().add_plan(first_step, None if plan is None else _checked_selection(plan, self.pool_size))
 
     def add_selection(self, first_step: int, indices: np.ndarray) -> None:
         """Serve the selected pool indices from ``first_step`` on."""
@@ -255,25 +271,7 @@ class MixtureSampler(SteeringSampler):
 
     def add_selection(self, first_step: int, indices: np.ndarray) -> None:
         """Draw each domain's share from the selected pool indices from ``first_step`` on."""
-        chosen = np.asarray(indices, dtype=np.int64)
-        if chosen.ndim != 1 or chosen.size == 0:
-            raise ValueError("a selection must be a non-empty 1-D array of pool indices")
-        if chosen.min() < 0 or chosen.max() >= self.pool_size:
-            raise ValueError(f"selected indices must lie in [0, {self.pool_size})")
-        if first_step <= self.max_drawn_step:
-            raise SteeringStateError(
-                f"a selection for step {first_step} arrived after the data loader drew step "
-                f"{self.max_drawn_step}; raise datasteer.lag (data loader workers prefetch batches ahead)"
-            )
-        self._selections = [(s, c) for s, c in self._selections if s < first_step]
-        self._selections.append((first_step, chosen))
-
-    def _selection_at(self, step: int) -> tuple[int, np.ndarray | None]:
-        current = self._selections[0]
-        for first, chosen in self._selections:
-            if first <= step:
-                current = (first, chosen)
-        return current
+        self._selections = self._registered(self._selections, first_step, _checked_selection(indices, self.pool_size))
 
     def _domain_members(self, first: int, chosen: np.ndarray | None) -> list[np.ndarray]:
         if chosen is None:
@@ -296,7 +294,7 @@ class MixtureSampler(SteeringSampler):
             cursor, selection = self._snapshots[step]
             self._cursor, self._cursor_selection = cursor.copy(), selection
             self._cursor_step = step
-        sel_first, chosen = self._selection_at(step)
+        sel_first, chosen = self._in_force(self._selections, step)
         if sel_first != self._cursor_selection:
             self._cursor[:] = 0
             self._cursor_selection = sel_first
@@ -327,9 +325,7 @@ class MixtureSampler(SteeringSampler):
             raise SteeringStateError(f"no mixture stream position recorded for step {step + 1}")
         cursor, selection = self._snapshots[step + 1]
         state["cursor"] = torch.from_numpy(cursor.copy())
-        first, chosen = self._selection_at(step + 1)
-        kept = [(first, chosen), *((s, c) for s, c in self._selections if s > first)]
-        state["selections"] = [(s, _to_tensor(c)) for s, c in kept]
+        state["selections"] = self._kept(self._selections, step)
         state["cursor_selection"] = selection
         return state
 
