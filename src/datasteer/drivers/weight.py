@@ -63,17 +63,22 @@ class WeightDriver(Driver[Weighter]):
         if step <= self.stage.warmup_steps:
             return None
         started = time.perf_counter()
-        losses, mine = dist.all_gather_rows(batch.losses.detach().float())
-        indices, _ = dist.all_gather_rows(torch.from_numpy(batch.indices))
-        embeddings = reference = None
-        if self.embedding_layer() is not None:
-            if batch.embeddings is None:
-                raise SteeringStateError(f"{self.stage.algorithm} needs the batch's embeddings; none were computed")
-            embeddings = dist.all_gather_rows(batch.embeddings.detach().float())[0]
+        # Every column the weighter sees, gathered over the ranks in one collective: loss, pool
+        # index, then the reference loss and the embedding when the weighter asks for them.
+        columns = [batch.losses.detach().float(), torch.from_numpy(batch.indices)]
         if self.reference_model() is not None:
             if batch.reference_losses is None:
                 raise SteeringStateError(f"{self.stage.algorithm} needs the reference model's losses")
-            reference = dist.all_gather_rows(batch.reference_losses.detach().float())[0]
+            columns.append(batch.reference_losses.detach().float())
+        if self.embedding_layer() is not None:
+            if batch.embeddings is None:
+                raise SteeringStateError(f"{self.stage.algorithm} needs the batch's embeddings; none were computed")
+            columns.append(batch.embeddings.detach().float())
+        table = torch.cat([c.detach().cpu().double().reshape(len(batch.indices), -1) for c in columns], dim=1)
+        rows, mine = dist.all_gather_rows(table)
+        losses, indices = rows[:, 0].float(), rows[:, 1].long()
+        reference = rows[:, 2].float() if self.reference_model() is not None else None
+        embeddings = rows[:, 2 + (reference is not None) :].float() if self.embedding_layer() is not None else None
         domains = torch.from_numpy(self.run.domains[indices.numpy()])
         ctx = WeightContext(
             step=step,
