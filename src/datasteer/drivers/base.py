@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from datasteer.config import StageConfig
+from datasteer.errors import SteeringStateError
 from datasteer.ops.protocol import NO_MODEL, ModelOperations
 from datasteer.plugins import unwrap
 from datasteer.samplers import MixtureSampler, SelectionSampler
@@ -150,7 +151,5 @@ class Driver(ABC, Generic[A]):
         if not needs_model:
             return NO_MODEL
         if ops is None:
-            from datasteer.errors import SteeringStateError
-
             raise SteeringStateError(f"{self.stage.algorithm} needs the model, but no model operations were given")
         return ops()
