@@ -45,11 +45,15 @@ class SteeringPlan:
         algorithm = self.algorithms.get("mix")
         return algorithm if isinstance(algorithm, Mixer) else None
 
+    def reference_models(self) -> list[str]:
+        """The reference models the stages compare the training losses to, in stage order."""
+        algorithms = [unwrap(a) for a in self.algorithms.values()]
+        return [a.reference_model() for a in algorithms if isinstance(a, ComparesToReference)]
+
     def reference_model(self) -> str | None:
         """Directory of the reference model a stage compares the training losses to, if any
         (:func:`build_plan` refuses two stages with different ones)."""
-        algorithms = [unwrap(a) for a in self.algorithms.values()]
-        paths = [a.reference_model() for a in algorithms if isinstance(a, ComparesToReference)]
+        paths = self.reference_models()
         return paths[0] if paths else None
 
     def needs_sample_losses(self) -> bool:
@@ -89,7 +93,7 @@ def build_plan(steering: SteeringConfig | Mapping[str, Any]) -> SteeringPlan:
             f"datasteer.weight: {config.stages['mix'].algorithm} trains on its own domain-weighted loss; "
             "a weight stage would change its objective (drop one of the two)"
         )
-    references = {a.reference_model() for a in map(unwrap, algorithms.values()) if isinstance(a, ComparesToReference)}
+    references = set(plan.reference_models())
     if len(references) > 1:
         raise ConfigError(
             f"reference_model: the stages name different reference models ({', '.join(sorted(references))}); "
