@@ -4,31 +4,37 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from datasteer.config import doc
-from datasteer.errors import ConfigError
+from datasteer.errors import ConfigError, SteeringStateError
 from datasteer.mixers.base import DomainStats, MixContext, Mixer, ObservesSteps
 from datasteer.registry import MIXERS
+
+Estimator = Literal["full", "importance"]
 
 
 @dataclass
 class ODMParams:
     """Parameters of :class:`ODMMixer`."""
 
-    alpha: float = doc(
-        "Smoothing of the reward estimates: R <- alpha * R + (1 - alpha) * r / pi (0 keeps only the last step).",
-        default=0.9,
+    estimator: Estimator = doc(
+        "How a step's losses become reward estimates. 'full' (for mixed batches, where every domain is "
+        "seen every step): R_d <- alpha R_d + (1 - alpha) exp(r_d) for each trained domain, proportions "
+        "follow R. 'importance' (the paper's Algorithm 1, meant for one domain per step): "
+        "R_d <- alpha R_d + (1 - alpha) share_d r_d / pi_d, proportions follow softmax(eps_{t-1} R).",
+        default="full",
     )
+    alpha: float = doc("Smoothing of the reward estimates (0 keeps only the last step).", default=0.9)
     reward_scale: float = doc("Factor applied to each domain's mean training loss to make its reward.", default=1.0)
     reward_clip: tuple[float, float] | None = doc(
-        "Clip each scaled reward to [low, high] before importance weighting; null: no clipping.", default=None
+        "Clip each scaled reward to [low, high] before it is used; null: no clipping.", default=None
     )
     min_exploration: float = doc(
-        "Floor on the exploration rate eps_t (the paper's schedule decays it as sqrt(ln K / (K t))); "
-        "0 follows the paper.",
+        "Floor on the exploration rate eps_t (the paper's schedule decays it as sqrt(ln K / (K t)), "
+        "t the step); 0 follows the paper.",
         default=0.0,
     )
 
@@ -48,22 +54,35 @@ class ODMMixer(Mixer, ObservesSteps):
     """Online Data Mixing (Albalak et al., 2023; arXiv 2312.02406): EXP3 over domains.
 
     Each domain is an arm whose reward is its training loss (a domain the model still finds
-    hard is worth sampling). After every optimizer step, each domain present in the batch
-    gets reward ``r_d = reward_scale * mean per-sample loss`` (optionally clipped), and the
-    estimate moves as ``R_d <- alpha R_d + (1 - alpha) r_d / pi_d`` with ``pi_d`` the
-    proportion the step was drawn with; a domain absent from the step gets the EXP3
-    estimate 0 (``R_d <- alpha R_d``), which keeps ``r / pi`` unbiased. At update ``t``
-    (1-based) the exploration rate is ``eps_t = min(1/K, sqrt(ln K / (K t)))`` (floored by
-    ``min_exploration``) and the proportions are
-    ``pi = (1 - K eps_t) softmax(eps_{t-1} R) + eps_t``. Statistics are summed over all
-    micro-batches and ranks of the step before they are used.
+    hard is worth sampling): after every optimizer step, each domain trained in it gets
+    ``r_d = reward_scale * mean per-sample loss`` (optionally clipped). Statistics are summed
+    over all micro-batches and ranks of the step first. At step ``t`` (1-based: the step the
+    proportions are for, counted in steps whatever ``update_every`` is) the exploration rate
+    is ``eps_t = min(1/K, sqrt(ln K / (K t)))``, floored by ``min_exploration``.
+
+    Two estimators, for the two ways batches can be drawn:
+
+    - ``full`` (default): batches mix domains, so every domain with mass is observed every
+      step and its loss needs no importance weight. This is the rule of the authors' code
+      for mixed batches: ``R_d <- alpha R_d + (1 - alpha) exp(r_d)`` for each trained domain
+      (an untrained domain keeps its estimate) and ``pi = (1 - K eps_t) R / sum(R) + eps_t``,
+      i.e. a softmax of the smoothed loss at temperature ``1 / reward_scale``. It is kept in
+      log space, and bias-corrected as Adam's moments are (``R_d / (1 - alpha^n_d)`` after
+      ``n_d`` observations), so that a domain first seen late is not under-rated.
+    - ``importance``: the paper's Algorithm 1, an EXP3 estimate for one domain per step:
+      ``R_d <- alpha R_d + (1 - alpha) share_d r_d / pi_d`` with ``share_d`` the domain's
+      fraction of the step's samples (1 when a step is one domain; with mixed batches it
+      keeps the estimate unbiased) and ``pi = (1 - K eps_t) softmax(eps_{t-1} R) + eps_t``.
+      With mixed batches the smoothed ``R`` stays bounded while ``eps_{t-1}`` shrinks, so
+      the proportions drift back to uniform: use ``full`` for mixed batches.
     """
 
     Params = ODMParams
 
     def __init__(self, params: ODMParams) -> None:
         super().__init__(params)
-        self.estimates: torch.Tensor | None = None  # R, (K,) float64
+        self.estimates: torch.Tensor | None = None  # R ('importance') or log R ('full'), (K,) float64
+        self.counts: torch.Tensor | None = None  # steps each domain was trained in, (K,) int64
         self.steps_observed = 0
 
     def exploration(self, t: int, k: int) -> float:
@@ -74,29 +93,77 @@ class ODMMixer(Mixer, ObservesSteps):
     def observe(self, stats: DomainStats) -> None:
         p: ODMParams = self.params
         k = len(stats.samples)
-        if self.estimates is None:
-            self.estimates = torch.zeros(k, dtype=torch.float64)
+        if self.estimates is None or self.counts is None:
+            start = -math.inf if p.estimator == "full" else 0.0
+            self.estimates = torch.full((k,), start, dtype=torch.float64)
+            self.counts = torch.zeros(k, dtype=torch.int64)
         present = stats.samples > 0
         reward = p.reward_scale * torch.nan_to_num(stats.mean_sample_loss().double(), nan=0.0)
         if p.reward_clip is not None:
             reward = reward.clamp(p.reward_clip[0], p.reward_clip[1])
-        weighted = torch.where(present, reward / stats.proportions.double().clamp_min(1e-12), 0.0)
-        self.estimates = p.alpha * self.estimates + (1 - p.alpha) * weighted
+        if p.estimator == "full":
+            # log(alpha R + (1 - alpha) exp(r)), for the domains trained in this step only
+            if p.alpha > 0:
+                mixed = torch.logaddexp(self.estimates + math.log(p.alpha), reward + math.log1p(-p.alpha))
+            else:
+                mixed = reward
+            self.estimates = torch.where(present, mixed, self.estimates)
+        else:
+            share = stats.samples.double() / stats.samples.sum().clamp_min(1).double()
+            weighted = torch.where(present, share * reward / stats.proportions.double().clamp_min(1e-12), 0.0)
+            self.estimates = p.alpha * self.estimates + (1 - p.alpha) * weighted
+        self.counts = self.counts + present.long()
         self.steps_observed += 1
+
+    def scores(self) -> torch.Tensor | None:
+        """The logits the proportions follow before exploration; ``None`` before any observation.
+
+        ``full``: the bias-corrected log estimates (a never-trained domain: -inf). ``importance``:
+        the estimates themselves (scaled by ``eps_{t-1}`` in :meth:`update`).
+        """
+        if self.estimates is None or self.counts is None:
+            return None
+        if self.params.estimator == "importance":
+            return self.estimates
+        seen = self.counts > 0
+        if not bool(seen.any()):
+            return None
+        correction = -torch.log1p(-torch.pow(self.params.alpha, self.counts.double().clamp_min(1)))
+        return torch.where(seen, self.estimates + correction, -math.inf)
 
     def update(self, ctx: MixContext) -> torch.Tensor:
         k = len(ctx.domain_names)
-        t = ctx.update + 1
-        estimates = self.estimates if self.estimates is not None else torch.zeros(k, dtype=torch.float64)
-        eps, eps_prev = self.exploration(t, k), self.exploration(t - 1, k)
-        return (1 - k * eps) * torch.softmax(eps_prev * estimates, dim=0) + eps
+        t = ctx.first_step
+        eps = self.exploration(t, k)
+        scores = self.scores()
+        if scores is None:
+            return torch.full((k,), 1.0 / k, dtype=torch.float64)
+        if self.params.estimator == "importance":
+            scores = self.exploration(t - 1, k) * scores
+        return (1 - k * eps) * torch.softmax(scores, dim=0) + eps
 
     def report(self) -> dict[str, torch.Tensor | float]:
-        return {} if self.estimates is None else {"reward_estimates": self.estimates}
+        scores = self.scores()
+        return {} if scores is None else {"reward_estimates": scores}
+
+    def _estimates_key(self) -> str:
+        return "log_estimates" if self.params.estimator == "full" else "estimates"
 
     def state_dict(self) -> dict[str, Any]:
-        return {"estimates": self.estimates, "steps_observed": self.steps_observed}
+        # the key names the estimator: a state is refused by a run with the other one
+        return {self._estimates_key(): self.estimates, "counts": self.counts, "steps_observed": self.steps_observed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.estimates = state["estimates"]
+        key = self._estimates_key()
+        if key not in state:
+            written_by = "importance" if self.params.estimator == "full" else "full"
+            raise SteeringStateError(
+                f"odm: the checkpoint's reward estimates were made by estimator {written_by!r}, "
+                f"this run uses {self.params.estimator!r}; resume with estimator: {written_by}"
+            )
+        self.estimates = state[key]
+        counts = state.get("counts")  # absent from states written before the 'full' estimator existed
+        if counts is None and self.estimates is not None:
+            counts = torch.full(self.estimates.shape, int(state["steps_observed"]), dtype=torch.int64)
+        self.counts = counts
         self.steps_observed = int(state["steps_observed"])
