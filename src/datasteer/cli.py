@@ -94,10 +94,15 @@ def cmd_list(ns: argparse.Namespace) -> int:
 
 
 def cmd_assets(ns: argparse.Namespace) -> int:
-    from datasteer.assets import build_all
+    from datasteer.assets import SmolLM2UnavailableError, build_all, ensure_builtin
 
     for name, path in build_all(force=ns.force).items():
         print(f"{name}: {path}")
+    if ns.smollm2:
+        try:
+            print(f"smollm2-135m: {ensure_builtin('smollm2-135m', force=ns.force)}")
+        except SmolLM2UnavailableError as err:
+            return _fail(str(err))
     return 0
 
 
@@ -175,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("assets", help="build the built-in corpus and tiny model (done on first use otherwise)")
     p.add_argument("--force", action="store_true", help="rebuild even if present")
+    p.add_argument("--smollm2", action="store_true", help="also build builtin:smollm2-135m (optional packages)")
     p.set_defaults(func=cmd_assets)
 
     p = sub.add_parser("quickstart", help="train the tiny model with a dynamic and a uniform mixture, compare")

