@@ -32,7 +32,7 @@ def test_domain_losses_equal_the_token_mean_over_each_text_scored_alone() -> Non
         assert results[domain].perplexity == pytest.approx(math.exp(total / count), rel=1e-5)
     assert model.training  # restored
     table = format_results(results)
-    assert table.splitlines()[0].split() == ["domain", "loss", "ppl", "tokens"]
+    assert table.splitlines()[0].split() == ["domain", "loss", "ppl", "tokens", "accuracy"]
     assert table.splitlines()[-1].startswith("mean")
 
 

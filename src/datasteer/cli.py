@@ -119,27 +119,41 @@ def cmd_quickstart(ns: argparse.Namespace) -> int:
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:
+    import torch
+
+    from datasteer import evaluate
     from datasteer.assets import resolve_builtin
-    from datasteer.evaluate import domain_losses, format_results, read_corpus_texts
 
+    device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        model_dir = Path(resolve_builtin(ns.model))
-        corpus = Path(resolve_builtin(ns.corpus))
         domains = [d for d in ns.domains.split(",") if d] if ns.domains else None
-        texts = read_corpus_texts(corpus, domains)
-        if not (model_dir / "config.json").is_file():
-            raise ConfigError(f"{model_dir}: not a model directory (no config.json)")
-    except (ValueError, FileNotFoundError) as err:
+        config, *overrides = ns.config or [None if ns.corpus else evaluate.find_run_config(resolve_builtin(ns.model))]
+        if config is None and ns.exact_match:
+            raise ConfigError("--exact-match scores the responses of a run's sft eval sets; add --config RUN.yaml")
+        source = evaluate.find_model(ns.model, base_model=ns.base_model)
+        tokenizer = evaluate.load_tokenizer(source)
+        if config is not None:
+            cutoff = [f"cutoff_len={ns.max_length}"] if ns.max_length else []
+            args = evaluate.read_run_args(config, [*overrides, *cutoff])
+            sets = evaluate.load_run_eval_sets(args, tokenizer, domains=domains, with_responses=ns.exact_match)
+        else:
+            texts = evaluate.read_corpus_texts(Path(resolve_builtin(ns.corpus or "builtin:corpus")), domains)
+        model = evaluate.load_model(source).to(device)
+    except (ValueError, OSError) as err:
         return _fail(str(err))
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
-    results = domain_losses(model, tokenizer, texts, batch_size=ns.batch_size, max_length=ns.max_length)
-    print(format_results(results))
+    if config is not None:
+        print(f"datasteer: eval sets of {config}", file=sys.stderr)
+        results = evaluate.evaluate_run(
+            model, tokenizer, sets, batch_size=ns.batch_size, max_new_tokens=ns.max_new_tokens, device=device
+        )
+    else:
+        max_length = ns.max_length or 128
+        results = evaluate.evaluate_corpus(
+            model, tokenizer, texts, batch_size=ns.batch_size, max_length=max_length, device=device
+        )
+    print(evaluate.format_results(results))
     if ns.output:
-        payload = {d: {"loss": r.loss, "perplexity": r.perplexity, "tokens": r.tokens} for d, r in results.items()}
-        Path(ns.output).write_text(json.dumps(payload, indent=2) + "\n")
+        Path(ns.output).write_text(json.dumps(evaluate.results_to_json(results), indent=2) + "\n")
     return 0
 
 
@@ -189,12 +203,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixer", default="scheduled", help="the dynamic mixer's example (examples/quickstart/)")
     p.set_defaults(func=cmd_quickstart)
 
-    p = sub.add_parser("eval", help="held-out loss and perplexity per domain of a trained model")
-    p.add_argument("model", help="model directory (a run's output_dir) or builtin:tiny-llama")
-    p.add_argument("--corpus", default="builtin:corpus", help="directory with <domain>_eval.jsonl files")
-    p.add_argument("--domains", default=None, help="comma-separated domains (default: all in the corpus)")
-    p.add_argument("--max-length", type=int, default=128, help="tokens per text")
+    p = sub.add_parser("eval", help="held-out loss, perplexity and accuracy per domain of a trained model")
+    p.add_argument("model", help="a run's output_dir (full model or LoRA adapter), a checkpoint or builtin:tiny-llama")
+    p.add_argument(
+        "--config",
+        nargs="+",
+        default=None,
+        metavar=("RUN.yaml", "KEY=VALUE"),
+        help="score the run's eval_dataset as its training tokenised it (overrides, e.g. eval_dataset=a,b, may follow)",
+    )
+    p.add_argument("--corpus", default=None, help="directory with <domain>_eval.jsonl (default: builtin:corpus)")
+    p.add_argument("--domains", default=None, help="comma-separated domains or eval sets (default: all)")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per text (128; with --config: cutoff_len)")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--exact-match", action="store_true", help="sft: greedy responses equal to the reference")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="decode length for --exact-match")
+    p.add_argument("--base-model", default=None, help="base model of a LoRA adapter (default: the one it names)")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--output", default=None, help="also write the numbers to this JSON file")
     p.set_defaults(func=cmd_eval)
 
