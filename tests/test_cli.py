@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -142,3 +143,102 @@ def test_prepare_config_errors_are_one_line_exit_2(
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("datasteer: error: ") and message in lines[0], lines
     assert not (tmp_path / "out").exists()
+
+
+# --- datasteer eval
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from tests.test_evaluate import build_tiny_run
+
+    return build_tiny_run(tmp_path_factory.mktemp("tiny-run"))
+
+
+def table_of(out: str) -> dict[str, list[str]]:
+    """The rows of `datasteer eval`'s table by their first column (header included)."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["domain", "loss"])
+    return {line.split()[0]: line.split()[1:] for line in lines[start:]}
+
+
+def test_eval_lora_output_on_its_run_eval_sets(
+    tiny_run: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("llamafactory")
+    from datasteer.evaluate import evaluate_run, find_model, load_model, load_run_eval_sets, load_tokenizer
+    from tests.test_evaluate import QA, response_ids
+
+    report = tmp_path / "eval.json"
+    argv = ["eval", str(tiny_run["lora"]), "--config", str(tiny_run["run"]), "eval_dataset=qa_eval"]
+    assert main([*argv, "--exact-match", "--max-new-tokens", "8", "--output", str(report)]) == 0
+    table = table_of(capsys.readouterr().out)
+    assert list(table) == ["domain", "qa_eval", "mean"]
+    assert table["domain"] == ["loss", "ppl", "tokens", "accuracy"] and len(table["qa_eval"]) == 4
+    scores = json.loads(report.read_text())
+    # The same numbers in process: the adapter merged into its base, the sft rows' response tokens only.
+    source = find_model(str(tiny_run["lora"]))
+    tok = load_tokenizer(source)
+    sets = load_run_eval_sets(json.loads(tiny_run["run"].read_text()), tok, with_responses=True)
+    expected = evaluate_run(load_model(source), tok, sets, max_new_tokens=8)["qa_eval"]
+    assert scores["qa_eval"]["tokens"] == expected.tokens == sum(len(response_ids(tok, r["response"])) for r in QA)
+    assert scores["qa_eval"]["loss"] == pytest.approx(expected.loss, rel=1e-5)
+    assert table["qa_eval"][0] == f"{expected.loss:.4f}"
+    assert expected.accuracy is not None
+    assert (scores["qa_eval"]["correct"], scores["qa_eval"]["total"]) == (expected.accuracy.correct, len(QA))
+
+
+def test_eval_without_a_config_scores_the_corpus_with_equation_accuracy(
+    tiny_run: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["eval", str(tiny_run["lora"]), "--corpus", str(tiny_run["data"]), "--domains", "arithmetic,prose"]
+    assert main(argv) == 0
+    table = table_of(capsys.readouterr().out)
+    assert list(table) == ["domain", "arithmetic", "prose", "mean"]
+    assert len(table["arithmetic"]) == 4 and 0.0 <= float(table["arithmetic"][3]) <= 1.0  # accuracy column
+    assert len(table["prose"]) == 3 and len(table["mean"]) == 2  # blank accuracy
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["{tmp}"], "neither a model (no config.json) nor a LoRA adapter (no adapter_config.json)"),
+        (["{tmp}/missing"], "no such directory"),
+        (["builtin:nope"], "unknown built-in asset 'nope'"),
+        (["{model}", "--exact-match"], "--exact-match scores the responses of a run's sft eval sets"),
+        (["{model}", "--config", "{run}", "eval_dataset="], "the run names no eval_dataset"),
+        (["{model}", "--config", "{run}", "stage=rm"], "stage: datasteer eval scores stages pt and sft"),
+        (["{model}", "--config", "{tmp}/none.yaml"], "no such config file"),
+        (["{lora}", "--base-model", "{tmp}/gone"], "its base model"),
+        (["{model}", "--config", "{run}", "--corpus", "{tmp}"], "--config and --corpus are two sources"),
+    ],
+)
+def test_eval_errors_are_one_line_exit_2(
+    tiny_run: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    names = {"tmp": str(tmp_path), "model": str(tiny_run["model"]), "run": str(tiny_run["run"])}
+    names["lora"] = str(tiny_run["lora"])
+    corpus = [] if "--config" in argv else ["--corpus", str(tiny_run["data"])]
+    assert main(["eval", *(a.format(**names) for a in argv), *corpus]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("datasteer: error: ") and message in lines[0], lines
+
+
+@pytest.mark.slow
+def test_eval_of_a_trained_lora_run_with_its_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As a user: train the LoRA example for 2 steps, then evaluate its output on held-out sft sets."""
+    pytest.importorskip("llamafactory")
+    monkeypatch.setenv("DATASTEER_HOME", str(tmp_path / "home"))
+    config = Path(__file__).resolve().parents[1] / "examples" / "sft_lora_select_random.yaml"
+    out = tmp_path / "out"
+    assert main(["train", str(config), f"output_dir={out}", "max_steps=2", "report_to=none"]) == 0
+    assert (out / "adapter_config.json").is_file()
+    capsys.readouterr()
+    sets = "eval_dataset=arithmetic_sft_eval,noise_sft_eval"
+    argv = ["eval", str(out), "--config", str(config), sets, "max_samples=8", "--exact-match", "--max-new-tokens", "4"]
+    assert main(argv) == 0
+    table = table_of(capsys.readouterr().out)
+    assert list(table) == ["domain", "arithmetic_sft_eval", "noise_sft_eval", "mean"]
+    assert all(len(table[d]) == 4 and float(table[d][0]) > 0 for d in ("arithmetic_sft_eval", "noise_sft_eval"))

@@ -128,6 +128,8 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     try:
         domains = [d for d in ns.domains.split(",") if d] if ns.domains else None
         config, *overrides = ns.config or [None if ns.corpus else evaluate.find_run_config(resolve_builtin(ns.model))]
+        if ns.config and ns.corpus:
+            raise ConfigError("--config and --corpus are two sources of eval data; choose one")
         if config is None and ns.exact_match:
             raise ConfigError("--exact-match scores the responses of a run's sft eval sets; add --config RUN.yaml")
         source = evaluate.find_model(ns.model, base_model=ns.base_model)

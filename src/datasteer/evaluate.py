@@ -337,8 +337,12 @@ def load_tokenizer(source: ModelSource) -> Any:
 
     try:
         return AutoTokenizer.from_pretrained(source.tokenizer_dir, local_files_only=True)
-    except OSError:
-        raise FileNotFoundError(f"{source.path}: no tokenizer there nor at {source.tokenizer_dir}") from None
+    except (OSError, ValueError):
+        if source.tokenizer_dir == source.base:
+            message = f"its base model {source.base} (which holds the tokenizer) is not found; pass --base-model"
+        else:
+            message = f"no tokenizer in {source.tokenizer_dir}"
+        raise FileNotFoundError(f"{source.path}: {message}") from None
 
 
 def load_model(source: ModelSource) -> Any:
@@ -358,7 +362,7 @@ def load_model(source: ModelSource) -> Any:
         ) from None
     try:
         base = AutoModelForCausalLM.from_pretrained(source.base, local_files_only=True)
-    except OSError:
+    except (OSError, ValueError):
         raise FileNotFoundError(
             f"{source.path}: its base model {source.base} is not found; pass --base-model"
         ) from None
@@ -465,6 +469,16 @@ def load_run_eval_sets(
     from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
     from llamafactory.hparams import get_train_args
 
+    # Checked before LLaMA-Factory parses (and logs) anything.
+    stage = str(args.get("stage") or "sft")
+    if stage not in ("pt", "sft"):
+        raise ConfigError(f"stage: datasteer eval scores stages pt and sft, got {stage!r}")
+    if with_responses and stage != "sft":
+        raise ConfigError(f"stage: a {stage} run's eval sets have no responses to match; exact match needs sft")
+    if not args.get("eval_dataset") and not (args.get("val_size") and args.get("dataset")):
+        raise ConfigError(
+            "the run names no eval_dataset (nor val_size); name some: --config RUN.yaml eval_dataset=A[,B...]"
+        )
     settings = dict(args)
     settings.pop("datasteer", None)
     settings.pop("deepspeed", None)  # evaluation runs in this one process
@@ -472,20 +486,11 @@ def load_run_eval_sets(
     settings.update(do_train=False, do_eval=False, do_predict=False, predict_with_generate=False)
     settings.update(streaming=False, tokenized_path=None, report_to="none")
     try:
-        model_args, data_args, training_args, finetuning_args, _ = get_train_args(settings)
+        model_args, data_args, training_args, _, _ = get_train_args(settings)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"LLaMA-Factory config: {str(err).splitlines()[0]}") from None
-    stage = finetuning_args.stage
-    if stage not in ("pt", "sft"):
-        raise ConfigError(f"stage: datasteer eval scores stages pt and sft, got {stage!r}")
-    if with_responses and stage != "sft":
-        raise ConfigError(f"stage: a {stage} run's eval sets have no responses to match; exact match needs sft")
-    names = list(data_args.eval_dataset or [])
-    from_train = not names and data_args.val_size > 1e-6
-    if from_train:
-        names = list(data_args.dataset or [])
-    if not names:
-        raise ConfigError("the run names no eval_dataset (nor val_size); add eval_dataset=NAME[,NAME...]")
+    from_train = not data_args.eval_dataset
+    names = list(data_args.dataset if from_train else data_args.eval_dataset)
     if domains:
         unknown = [d for d in domains if d not in names]
         if unknown:
