@@ -13,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 from datasteer.mixers.base import MixContext
 from datasteer.ops.protocol import NO_MODEL, ModelOperations
 from datasteer.rng import torch_generator
+from datasteer.runlog import read_records
 from datasteer.selectors.base import SelectContext
 from datasteer.weighters.base import WeightContext
 
@@ -174,6 +175,11 @@ def training_args(output_dir: str | Path, **overrides: Any) -> TrainingArguments
         "learning_rate": 1e-2,
     }
     return TrainingArguments(**{**settings, **overrides})
+
+
+def steering_records(path: str | Path) -> list[dict[str, Any]]:
+    """A run's ``steering.jsonl`` records without its closing (``paradigm: end``) record."""
+    return [r for r in read_records(path) if r.get("paradigm") != "end"]
 
 
 def without_seconds(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

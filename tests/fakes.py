@@ -18,7 +18,7 @@ from torch import nn
 from datasteer.errors import SteeringStateError
 from datasteer.ops.embeddings import Pooling
 from datasteer.ops.gradients import GradFeatureConfig
-from datasteer.ops.policy_gradient import Sampling
+from datasteer.ops.policy_gradient import PolicyGradientFeatures, Sampling
 from datasteer.ops.rewards import RewardFn
 
 #: One operation's answers: a tensor with one row per data set row, read by every call, or
@@ -60,7 +60,8 @@ class FakeOps:
         losses: per-row losses ``(n,)``, for :meth:`sample_losses`.
         embeddings: ``(n, d)``, for :meth:`embeddings`.
         gradients: ``(n, d)``, for :meth:`gradient_features`.
-        policy_gradients: ``(n, d)``, for :meth:`policy_gradient_features`.
+        policy_gradients: ``(n, d)``, for :meth:`policy_gradient_features` (an all-zero row: a
+            target without reward signal).
         expert_loads: ``(n, layers, experts)`` counts, for :meth:`expert_loads`.
         targets: the target (evaluation) sets, each a fake of its own.
         dataset: the rows (what selectors that fingerprint the pool read); default
@@ -199,8 +200,8 @@ class FakeOps:
         sampling: Sampling,
         seed: int,
         policy: nn.Module | None = None,
-    ) -> torch.Tensor:
-        return self._answer(
+    ) -> PolicyGradientFeatures:
+        rows = self._answer(
             "policy_gradient_features",
             indices,
             config=config,
@@ -209,6 +210,8 @@ class FakeOps:
             seed=seed,
             policy=policy,
         )
+        # the fake's rows stand for the gradients: an all-zero row is a target without signal
+        return PolicyGradientFeatures(rows, rows.abs().sum(dim=1) == 0)
 
 
 def _as_rounds(answers: Answers) -> list[torch.Tensor]:

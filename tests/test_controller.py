@@ -459,8 +459,26 @@ class ModelSelector(Selector):
         return torch.arange(ctx.num_samples) % ctx.pool_size
 
 
+class ReportingSelector(Selector):
+    """Test-only: selects the first samples and reports how many it looked at."""
+
+    Params = BadParams
+
+    def __init__(self, params: BadParams) -> None:
+        super().__init__(params)
+        self.looked_at = 0
+
+    def select(self, ctx: SelectContext) -> torch.Tensor:
+        self.looked_at = ctx.pool_size
+        return torch.arange(ctx.num_samples) % ctx.pool_size
+
+    def report(self) -> dict[str, int | float]:
+        return {"looked_at": self.looked_at}
+
+
 TEST_ALGORITHMS = [
     (WEIGHTERS, "_test_double", DoubleWeighter),
+    (SELECTORS, "_test_reporting", ReportingSelector),
     (MIXERS, "_test_bad", BadMixer),
     (SELECTORS, "_test_bad", BadSelector),
     (WEIGHTERS, "_test_bad", BadWeighter),
@@ -477,6 +495,16 @@ def test_algorithms() -> Iterator[None]:
     finally:
         for registry, name, _ in TEST_ALGORITHMS:
             registry._specs.pop(name, None)
+
+
+def test_a_selectors_report_is_written_to_its_records_summed_over_domains(test_algorithms: None) -> None:
+    alone = {"paradigm": "select", "algorithm": "_test_reporting", "update_every": 5}
+    events, _ = train(make(alone), 5)
+    assert [e["looked_at"] for e in events] == [len(DOMAINS)]
+    composed = {"mix": {"algorithm": "static"}, "select": {"algorithm": "_test_reporting", "update_every": 5}}
+    events, _ = train(make(composed), 5)
+    (select,) = [e for e in events if e["paradigm"] == "select"]
+    assert select["looked_at"] == len(DOMAINS)  # each domain's selector saw its members; summed
 
 
 def test_weights_are_one_during_warmup_then_the_weighters(test_algorithms: None) -> None:
@@ -664,8 +692,24 @@ def test_truncate_after(tmp_path: Path) -> None:
     assert read_records(log.path)[-1] == {"step": 7, "value": "nan"}  # strict JSON: no NaN literal
     log.truncate_after(1)
     assert read_records(log.path) == [{"step": 0, "value": 0.0}, {"step": 1, "value": 0.5}, {"step": 1, "value": 0.5}]
+    log.write({"step": 1, "paradigm": "end"})  # a closing record goes: the resumed run writes its own
+    log.truncate_after(1)
+    assert len(read_records(log.path)) == 3
     log.truncate_after(-1)
     assert read_records(log.path) == []
+
+
+def test_the_closing_record_holds_what_the_last_window_served(tmp_path: Path) -> None:
+    path = tmp_path / "steering.jsonl"
+    ctrl = make(SELECT_RANDOM, log=RunLog(path))
+    _, trained = train(ctrl, 10)  # the last selection record is at step 7
+    closing = ctrl.end(10)
+    assert closing["paradigm"] == "end" and closing["step"] == 10
+    served = [i for s in (8, 9, 10) for i in trained[s]]
+    assert closing["served"] == dict(zip(NAMES, domain_counts(served), strict=True))
+    assert read_records(path)[-1] == closing
+    total = sum(np.array(list(r["served"].values())) for r in read_records(path))
+    assert total.sum() == sum(len(b) for b in trained.values())  # every served sample is on record
 
 
 def test_disabled_log_writes_nothing(tmp_path: Path) -> None:

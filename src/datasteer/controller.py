@@ -133,6 +133,11 @@ class SteeringController:
         """After optimizer step ``step`` (0: train begin): every stage acts on what is due, in order."""
         return [self._record(d, payload) for d in self.drivers for payload in d.decide(step, ops)]
 
+    def end(self, step: int) -> dict[str, Any]:
+        """At train end: a closing record (``paradigm: end``) with what was served since the
+        last record, so that the served mix of every window, the last one included, is on record."""
+        return self._record(None, {"step": step})
+
     # -- per-batch hooks ---------------------------------------------------------------
     def observe(
         self,
@@ -166,11 +171,15 @@ class SteeringController:
         return weights
 
     # -- records -------------------------------------------------------------------------
-    def _record(self, driver: Driver[Any], payload: dict[str, Any]) -> dict[str, Any]:
+    def _record(self, driver: Driver[Any] | None, payload: dict[str, Any]) -> dict[str, Any]:
         served = dist.all_reduce(torch.from_numpy(self._served.copy())).numpy()
         self._served[:] = 0
         record = dict(payload)
-        full = {"step": record.pop("step"), "paradigm": driver.paradigm, "algorithm": driver.stage.algorithm}
+        full: dict[str, Any] = {"step": record.pop("step")}
+        if driver is None:
+            full["paradigm"] = "end"
+        else:
+            full.update(paradigm=driver.paradigm, algorithm=driver.stage.algorithm)
         full.update(record)
         full["served"] = dict(zip(self.domain_names, (int(c) for c in served), strict=True))
         full["seconds"] = full.pop("seconds", 0.0)

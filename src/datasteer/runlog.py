@@ -38,10 +38,15 @@ class RunLog:
             fh.write(json.dumps(_clean(record), sort_keys=False) + "\n")
 
     def truncate_after(self, step: int) -> None:
-        """Drop records whose ``step`` is greater than ``step`` (used on resume)."""
+        """Drop records whose ``step`` is greater than ``step``, and any closing record (used on
+        resume: the resumed run writes its own)."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+
+        def keep(record: dict[str, Any]) -> bool:
+            return bool(record["step"] <= step and record.get("paradigm") != "end")
+
+        kept = [line for line in self.path.read_text().splitlines() if line and keep(json.loads(line))]
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def start_fresh(self) -> None:

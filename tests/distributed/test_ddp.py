@@ -8,9 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from tests.distributed.launch import WORKERS, launch, read_ranks
-from tests.factories import make_model, without_seconds
-
-from datasteer.runlog import read_records
+from tests.factories import make_model, steering_records, without_seconds
 
 WORKER = WORKERS / "ddp_worker.py"
 
@@ -36,8 +34,8 @@ def test_two_ranks_agree_and_match_one_process(tmp_path: Path, paradigm: str) ->
     for step in one:
         assert sorted(a[step] + b[step]) == sorted(one[step]), step
     # The event record (rank 0 writes it) matches too, timings aside.
-    assert without_seconds(read_records(tmp_path / "two" / "steering.jsonl")) == without_seconds(
-        read_records(tmp_path / "one" / "steering.jsonl")
+    assert without_seconds(steering_records(tmp_path / "two" / "steering.jsonl")) == without_seconds(
+        steering_records(tmp_path / "one" / "steering.jsonl")
     )
 
 
@@ -48,10 +46,10 @@ def test_odm_proportions_are_identical_on_both_ranks(tmp_path: Path) -> None:
     launch(WORKER, tmp_path / "one", "odm", nproc=1)
     r0, r1 = read_ranks(tmp_path / "two", 2)
     assert r0["plans"] == r1["plans"]
-    records = read_records(tmp_path / "two" / "steering.jsonl")
+    records = steering_records(tmp_path / "two" / "steering.jsonl")
     assert len(records) == 7 and len({tuple(r["proportions"].values()) for r in records}) > 1
     # Same statistics as one process up to float summation order, hence (nearly) the same proportions.
-    single = read_records(tmp_path / "one" / "steering.jsonl")
+    single = steering_records(tmp_path / "one" / "steering.jsonl")
     for a, b in zip(records, single, strict=True):
         assert list(a["proportions"].values()) == pytest.approx(list(b["proportions"].values()), abs=1e-4)
 
@@ -66,8 +64,8 @@ def test_doremi_weights_are_identical_on_both_ranks(tmp_path: Path) -> None:
     (r0, r1), (single,) = read_ranks(tmp_path / "two", 2), read_ranks(tmp_path / "one", 1)
     assert r0["learned"] == r1["learned"] and r0["learned"] != pytest.approx([1 / 3] * 3)
     assert r0["learned"] == pytest.approx(single["learned"], abs=1e-6)
-    two = read_records(tmp_path / "two" / "steering.jsonl")
-    one = read_records(tmp_path / "one" / "steering.jsonl")
+    two = steering_records(tmp_path / "two" / "steering.jsonl")
+    one = steering_records(tmp_path / "one" / "steering.jsonl")
     for a, b in zip(two, one, strict=True):
         assert list(a["alpha"].values()) == pytest.approx(list(b["alpha"].values()), abs=1e-6)
 
@@ -145,7 +143,7 @@ def test_a_composed_run_agrees_on_every_decision_across_ranks(tmp_path: Path) ->
     assert r0["selections"] == r1["selections"]
     assert [s for s, _ in r0["selections"]] == [s for s, _ in single["selections"]] == [1, 2, 5]
     assert r0["selections"][1] == single["selections"][1]
-    records = read_records(tmp_path / "two" / "steering.jsonl")
+    records = steering_records(tmp_path / "two" / "steering.jsonl")
     assert {r["paradigm"] for r in records} == {"mix", "select", "weight"}
     a, b, one = per_step(r0), per_step(r1), per_step(single)
     for step in (1, 2, 3, 4):  # before any DDP-averaged difference could reach a selection

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.factories import make_dataset, make_model, select_context, training_args, without_seconds
+from tests.factories import make_dataset, make_model, select_context, steering_records, training_args, without_seconds
 from transformers import TrainerCallback, default_data_collator
 
 from datasteer.controller import digest
@@ -104,11 +104,24 @@ def build(out: Path, steering: dict[str, Any], **kwargs: Any) -> SteeringTrainer
     )
 
 
+def test_the_closing_record_puts_the_last_window_on_record(tmp_path: Path) -> None:
+    """A static mixture decides once, before step 1: without the closing record, nothing
+    served would be on record."""
+    trainer = run(tmp_path, {"paradigm": "mix", "algorithm": "static"}, max_steps=5)
+    records = read_records(tmp_path / "steering.jsonl")
+    assert [r["paradigm"] for r in records] == ["mix", "end"]
+    assert sum(records[0]["served"].values()) == 0
+    domains = make_dataset()["domain"]
+    served = Counter(domains[i] for batch in trainer.served().values() for i in batch)
+    assert sum(records[-1]["served"].values()) == 5 * 8 == sum(served.values())
+    assert records[-1]["step"] == 5
+
+
 def test_select_serves_exactly_the_selected_indices(tmp_path: Path) -> None:
     steering = {"paradigm": "select", "algorithm": "random", "warmup_steps": 2, "update_every": 3, "seed": 11}
     trainer = run(tmp_path, steering, max_steps=11)
     served = trainer.served()
-    records = read_records(tmp_path / "steering.jsonl")
+    records = steering_records(tmp_path / "steering.jsonl")
     assert [r["update"] for r in records] == [0, 1, 2]
     pool = len(make_dataset())
     # Warm-up steps 1-2 come from a shuffle of the whole pool: no repeats.
@@ -138,7 +151,7 @@ def test_select_serves_exactly_the_selected_indices(tmp_path: Path) -> None:
 def test_mix_domain_counts_follow_the_proportions_in_force(tmp_path: Path) -> None:
     steering = {"paradigm": "mix", "algorithm": "random", "update_every": 2, "seed": 5}
     trainer = run(tmp_path, steering, bs=4, ga=3, max_steps=9)
-    records = read_records(tmp_path / "steering.jsonl")
+    records = steering_records(tmp_path / "steering.jsonl")
     domains = np.array(make_dataset()["domain"])
     names = ("alpha", "beta", "gamma")
     checked = 0
@@ -212,7 +225,7 @@ def test_weighted_loss_equals_hand_computation(tmp_path: Path, index_weighter: s
         weights = torch.tensor([1.0 + i % 3 if algorithm == index_weighter else 1.0 for i in indices])
         expected = (weights * torch.stack(per_sample)).sum() / len(rows) / 2  # / accumulation steps
         assert loss == pytest.approx(float(expected), rel=1e-5)
-    (record,) = read_records(tmp_path / "steering.jsonl")
+    (record,) = steering_records(tmp_path / "steering.jsonl")
     all_w = [1.0 + i % 3 if algorithm == index_weighter else 1.0 for _, idx, _ in trainer.micro for i in idx]
     assert record["weight_mean"] == pytest.approx(np.mean(all_w))
     assert record["weight_min"] == min(all_w) and record["weight_max"] == max(all_w)
@@ -255,8 +268,8 @@ RANDOM_RUNS = pytest.mark.parametrize(
 def test_same_seed_gives_the_same_record(tmp_path: Path, steering: dict[str, Any]) -> None:
     a = run(tmp_path / "a", steering, max_steps=6)
     b = run(tmp_path / "b", steering, max_steps=6)
-    assert without_seconds(read_records(tmp_path / "a" / "steering.jsonl")) == without_seconds(
-        read_records(tmp_path / "b" / "steering.jsonl")
+    assert without_seconds(steering_records(tmp_path / "a" / "steering.jsonl")) == without_seconds(
+        steering_records(tmp_path / "b" / "steering.jsonl")
     )
     assert a.served() == b.served()
 
@@ -271,8 +284,8 @@ def test_resume_matches_an_uninterrupted_run(tmp_path: Path, steering: dict[str,
     resumed = run(part, steering, max_steps=12, save_steps=4, resume=str(part / "checkpoint-4"))
     full_served = full.served()
     assert {s: full_served[s] for s in range(5, 13)} == resumed.served()
-    assert without_seconds(read_records(part / "steering.jsonl")) == without_seconds(
-        read_records(tmp_path / "full" / "steering.jsonl")
+    assert without_seconds(steering_records(part / "steering.jsonl")) == without_seconds(
+        steering_records(tmp_path / "full" / "steering.jsonl")
     )
 
 
@@ -305,8 +318,8 @@ def test_weighted_resume_matches_an_uninterrupted_run(tmp_path: Path, steering: 
     part = tmp_path / "part"
     run(part, steering, max_steps=9, save_steps=4, callbacks=[StopAt(6)], eval_dataset=anchors)
     resumed = run(part, steering, max_steps=9, save_steps=4, resume=str(part / "checkpoint-4"), eval_dataset=anchors)
-    records = without_seconds(read_records(tmp_path / "full" / "steering.jsonl"))
-    assert without_seconds(read_records(part / "steering.jsonl")) == records
+    records = without_seconds(steering_records(tmp_path / "full" / "steering.jsonl"))
+    assert without_seconds(steering_records(part / "steering.jsonl")) == records
     varied = any("weight_min" in r and r["weight_min"] < r["weight_max"] for r in records)
     assert varied == (steering.get("algorithm") != "uniform")
     full_served = full.served()
@@ -406,7 +419,7 @@ def test_mixer_statistics_come_from_the_training_batches_without_changing_traini
 def test_model_based_selectors_score_the_pool_with_the_live_model(tmp_path: Path, algorithm: str) -> None:
     steering = {"paradigm": "select", "algorithm": algorithm, "warmup_steps": 1, "update_every": 3}
     trainer = run(tmp_path, steering, max_steps=7)
-    records = read_records(tmp_path / "steering.jsonl")
+    records = steering_records(tmp_path / "steering.jsonl")
     assert [(r["first_step"], r["last_step"], r["selected"], r["unique"]) for r in records] == [
         (2, 4, 24, 24),
         (5, 7, 24, 24),
@@ -421,7 +434,7 @@ def test_near_selects_the_domain_of_the_targets(tmp_path: Path) -> None:
     targets = make_dataset(sizes=(0, 0, 6), seed=1).remove_columns("domain")  # 6 rows of domain gamma
     steering = {"paradigm": "select", "algorithm": "near", "warmup_steps": 1, "update_every": 2}
     trainer = run(tmp_path, steering, max_steps=3, eval_dataset=targets)
-    (record,) = read_records(tmp_path / "steering.jsonl")
+    (record,) = steering_records(tmp_path / "steering.jsonl")
     # gamma is 16 of the 80 pool rows (20%); nearest to gamma targets, it fills most of the
     # selection even with an untrained model's embeddings (11 of 16 with this seed).
     assert record["domain_counts"]["gamma"] >= 10
@@ -435,7 +448,7 @@ def test_less_selects_more_of_the_targets_domain(tmp_path: Path) -> None:
     params = {"proj_dim": 2048, "method": "vmap", "adam": True}
     steering = {"paradigm": "select", "algorithm": "less", "warmup_steps": 2, "update_every": 2, "params": params}
     run(tmp_path, steering, max_steps=4, eval_dataset=targets)
-    (record,) = read_records(tmp_path / "steering.jsonl")
+    (record,) = steering_records(tmp_path / "steering.jsonl")
     # gamma is 20% of the pool; gradient alignment with gamma targets picks clearly more.
     assert record["selected"] == 16 and record["unique"] == 16
     assert record["domain_counts"]["gamma"] / 16 >= 0.5, record["domain_counts"]
@@ -464,7 +477,7 @@ def test_evaluation_loaders_are_built_once_for_all_updates(tmp_path: Path, monke
     params = {"refresh": True}  # re-embeds pool and targets at every update
     steering = {"paradigm": "select", "algorithm": "near", "warmup_steps": 1, "update_every": 2, "params": params}
     run(tmp_path, steering, max_steps=7, eval_dataset=targets)
-    assert len(read_records(tmp_path / "steering.jsonl")) == 3
+    assert len(steering_records(tmp_path / "steering.jsonl")) == 3
     assert len(calls) == 1
 
 
@@ -575,7 +588,7 @@ def test_adapt_makes_no_forward_beyond_the_trainers_own_except_anchor_refreshes(
             steering=steering,
         )
         trainer.train()
-        records = read_records(out / "steering.jsonl") if steering is not None else []
+        records = steering_records(out / "steering.jsonl") if steering is not None else []
         return counter.count, records
 
     plain, _ = forwards(tmp_path / "plain", None)

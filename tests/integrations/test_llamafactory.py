@@ -11,11 +11,10 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tests.factories import without_seconds
+from tests.factories import steering_records, without_seconds
 
 from datasteer.cli import main
 from datasteer.hf import STATE_FILE
-from datasteer.runlog import read_records
 
 pytest.importorskip("llamafactory")
 
@@ -40,7 +39,7 @@ def train(config: Path | str, out: Path, *extra: str) -> None:
 def test_pt_full_mixing_trains_only_the_domains_it_is_told(tmp_path: Path) -> None:
     schedule = "datasteer.params.schedule=[[0,[0.0,0.0,1.0,0.0]]]"
     train(EXAMPLES / "mix_scheduled.yaml", tmp_path, schedule)
-    records = read_records(tmp_path / "steering.jsonl")
+    records = steering_records(tmp_path / "steering.jsonl")
     assert [r["first_step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert all(r["proportions"] == {"prose": 0.0, "code": 0.0, "arithmetic": 1.0, "noise": 0.0} for r in records)
     served = {k: sum(r["served"][k] for r in records) for k in records[0]["served"]}
@@ -58,7 +57,7 @@ def test_pt_full_mixing_trains_only_the_domains_it_is_told(tmp_path: Path) -> No
 @pytest.mark.slow
 def test_sft_lora_selection(tmp_path: Path) -> None:
     train(EXAMPLES / "sft_lora_select_random.yaml", tmp_path, "datasteer.warmup_steps=1", "datasteer.update_every=2")
-    records = read_records(tmp_path / "steering.jsonl")
+    records = steering_records(tmp_path / "steering.jsonl")
     assert [(r["first_step"], r["last_step"], r["selected"]) for r in records] == [(2, 3, 8), (4, 5, 8), (6, 6, 4)]
     assert set(records[0]["domain_counts"]) == {"prose_sft", "code_sft", "arithmetic_sft", "noise_sft"}
     assert (tmp_path / "adapter_model.safetensors").is_file()
@@ -75,7 +74,7 @@ def test_sft_freeze_weighting(tmp_path: Path) -> None:
         "template=default",
         "dataset=arithmetic_sft,code_sft",
     )
-    records = read_records(tmp_path / "steering.jsonl")
+    records = steering_records(tmp_path / "steering.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert all(r["weight_mean"] == r["weight_min"] == r["weight_max"] == 1.0 for r in records)
 
@@ -104,11 +103,11 @@ def check_resume_after_a_kill(tmp_path: Path, config: Path, steps: list[str]) ->
         shutil.rmtree(part / folder)
     for name in ("model.safetensors", "trainer_state.json", "all_results.json", "train_results.json"):
         (part / name).unlink(missing_ok=True)
-    assert max(r["step"] for r in read_records(part / "steering.jsonl")) > 3
+    assert max(r["step"] for r in steering_records(part / "steering.jsonl")) > 3
     resume = [f"resume_from_checkpoint={part / 'checkpoint-3'}", "overwrite_output_dir=false"]
     train(config, part, *steps, *resume)
-    full = read_records(tmp_path / "full" / "steering.jsonl")
-    assert without_seconds(read_records(part / "steering.jsonl")) == without_seconds(full)
+    full = steering_records(tmp_path / "full" / "steering.jsonl")
+    assert without_seconds(steering_records(part / "steering.jsonl")) == without_seconds(full)
     # Same data order after the resume (the stream's positions were restored), hence the
     # same final weights.
     full_weights = load_file(tmp_path / "full" / "model.safetensors")
@@ -131,7 +130,7 @@ def test_less_on_the_builtin_corpus_favours_the_targets_domain(tmp_path: Path) -
     """Targets drawn from one domain (held-out arithmetic): LESS selects a clearly larger
     share of that domain than its share of the pool."""
     train(EXAMPLES / "select_less.yaml", tmp_path, "max_steps=7", "datasteer.params.candidates=256")
-    (record,) = read_records(tmp_path / "steering.jsonl")
+    (record,) = steering_records(tmp_path / "steering.jsonl")
     pool_share = 814 / 5887  # arithmetic rows / all rows of the packed pre-training pool
     share = record["domain_counts"]["arithmetic"] / record["selected"]
     assert share > 3 * pool_share, record["domain_counts"]
@@ -148,14 +147,14 @@ def test_doremi_workflow_runs_its_three_steps(tmp_path: Path) -> None:
     assert weights["domains"] == ["prose", "code", "arithmetic", "noise"] and weights["step"] == 6
     assert sum(weights["proportions"]) == pytest.approx(1.0)
     assert weights["proportions"] != pytest.approx([0.25] * 4)
-    records = read_records(proxy / "steering.jsonl")
+    records = steering_records(proxy / "steering.jsonl")
     assert all(set(r["alpha"]) == set(weights["domains"]) for r in records)
     train(
         EXAMPLES / "mix_doremi_3_main.yaml",
         main_run,
         f"datasteer.params.proportions_file={proxy / 'domain_weights.json'}",
     )
-    (record,) = read_records(main_run / "steering.jsonl")
+    (record,) = steering_records(main_run / "steering.jsonl")
     assert list(record["proportions"].values()) == pytest.approx(weights["proportions"], abs=1e-8)
 
 
@@ -185,7 +184,7 @@ def test_one_run_builds_each_algorithm_once_and_parses_llamafactory_args_once(
     train(EXAMPLES / "compose_odm_select_loss.yaml", tmp_path, "max_steps=2", "save_steps=10")
     assert sorted(built) == ["mix/odm", "select/loss"]
     assert len(parsed) == 1
-    records = read_records(tmp_path / "steering.jsonl")
+    records = steering_records(tmp_path / "steering.jsonl")
     assert {r["paradigm"] for r in records} == {"mix"}  # the selection starts after step 5
 
 

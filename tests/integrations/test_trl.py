@@ -56,9 +56,8 @@ def test_sft_trainer_mixes_domains(tmp_path: Path) -> None:
         steering={"paradigm": "mix", "algorithm": "static", "params": {"proportions": [0.75, 0.25]}},
     )
     trainer.train()
-    (record,) = read_records(tmp_path / "steering.jsonl")
+    record, closing = read_records(tmp_path / "steering.jsonl")
     assert record["proportions"] == {"sums": 0.75, "words": 0.25}
     # Every step of 4 rows trained 3 "sums" and 1 "words" (counted from the indices that
-    # reached compute_loss through TRL's collator).
-    observed = dict(zip(("sums", "words"), trainer.steering._served.tolist(), strict=True))
-    assert observed == {"sums": 18, "words": 6}
+    # reached compute_loss through TRL's collator, and put on record at train end).
+    assert closing["paradigm"] == "end" and closing["served"] == {"sums": 18, "words": 6}

@@ -17,8 +17,7 @@ from datasteer.mixers.base import DomainStats
 from datasteer.mixers.doremi import DoReMiMixer, DoReMiParams
 from datasteer.mixers.static import StaticMixer, StaticParams
 from datasteer.ops import INDEX_KEY, per_sample_loss
-from datasteer.runlog import read_records
-from tests.factories import make_dataset, make_model, mix_context, training_args
+from tests.factories import make_dataset, make_model, mix_context, steering_records, training_args
 
 
 def stats(tokens: list[float], excess: list[float], step: int = 1) -> DomainStats:
@@ -165,7 +164,7 @@ def test_weighted_loss_gradient_is_the_alpha_weighted_sum_of_domain_gradients(tm
 def test_proxy_run_writes_weights_that_a_static_run_reads(tmp_path: Path) -> None:
     trainer = proxy_trainer(tmp_path / "proxy", save_reference(tmp_path / "ref"), max_steps=6)
     trainer.train()
-    records = read_records(tmp_path / "proxy" / "steering.jsonl")
+    records = steering_records(tmp_path / "proxy" / "steering.jsonl")
     assert [r["update"] for r in records] == [0, 1, 2]
     assert all(set(r["alpha"]) == {"alpha", "beta", "gamma"} for r in records)
     assert all(v == pytest.approx(1 / 3) for r in records for v in r["proportions"].values())

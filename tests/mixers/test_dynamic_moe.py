@@ -13,8 +13,7 @@ from datasteer.config import parse_dataclass
 from datasteer.errors import ConfigError
 from datasteer.hf import SteeringTrainer
 from datasteer.mixers.dynamic_moe import DynamicMoEMixer, DynamicMoEParams, load_distances, update_weights
-from datasteer.runlog import read_records
-from tests.factories import make_dataset, make_moe_model, mix_context, training_args
+from tests.factories import make_dataset, make_moe_model, mix_context, steering_records, training_args
 from tests.fakes import FakeOps
 
 R2 = math.sqrt(2.0)
@@ -206,7 +205,7 @@ def test_trains_a_tiny_moe_with_frozen_routers(tmp_path: Path) -> None:
         after["model.layers.0.mlp.shared_expert.gate_proj.weight"],
         before["model.layers.0.mlp.shared_expert.gate_proj.weight"],
     )
-    records = [r for r in read_records(tmp_path / "steering.jsonl") if r["update"] >= 0]
+    records = [r for r in steering_records(tmp_path / "steering.jsonl") if r["update"] >= 0]
     assert [r["first_step"] for r in records] == [3, 5]
     mixer = trainer.steering.plan.mixer
     assert isinstance(mixer, DynamicMoEMixer) and mixer.source_used == "pool"
@@ -230,7 +229,7 @@ def test_example_through_llamafactory(tmp_path: Path, monkeypatch: pytest.Monkey
     quick = ["max_steps=6", "save_steps=100", "per_device_train_batch_size=4", "datasteer.warmup_steps=2"]
     quick += ["datasteer.update_every=2", "datasteer.params.samples_per_domain=8"]
     assert main(["train", str(example), f"output_dir={tmp_path / 'out'}", *quick]) == 0
-    records = [r for r in read_records(tmp_path / "out" / "steering.jsonl") if r["update"] >= 0]
+    records = [r for r in steering_records(tmp_path / "out" / "steering.jsonl") if r["update"] >= 0]
     assert [r["first_step"] for r in records] == [3, 5]
     assert all(set(r["delta"]) == {"prose_sft", "code_sft", "arithmetic_sft", "noise_sft"} for r in records)
     assert all(len(r["expert_loads"]) == 4 for r in records)

@@ -77,11 +77,16 @@ def test_left_padded_batch_samples_like_one_prompt_alone() -> None:
 
 
 def direct_feature(
-    model: torch.nn.Module, prompt: list[int], responses: list[list[int]], baseline: str
+    model: torch.nn.Module,
+    prompt: list[int],
+    responses: list[list[int]],
+    baseline: str,
+    rewards: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """-(1/M) sum_m (r_m - b) grad log pi(y_m | x), from summed log-probabilities, then projected."""
+    """-(1/M) sum_m (r_m - b) grad log pi(y_m | x), from summed log-probabilities, then projected
+    (rewards: ``even_tokens`` unless given)."""
     params = trainable_parameters(model)
-    rewards = even_tokens(prompt, responses, [])
+    rewards = even_tokens(prompt, responses, []) if rewards is None else rewards
     b = rewards.mean() if baseline == "mean" else 0.0
     objective = torch.zeros(())
     for r, y in zip(rewards, responses, strict=True):
@@ -100,10 +105,11 @@ def test_features_equal_the_projected_policy_gradient(baseline: str) -> None:
     model = make_model()
     targets = [([3, 4, 5], [6, 2]), ([9, 10], [11, 12, 2]), ([20, 21, 22, 23], [2])]
     sampling = Sampling(mc_samples=4, max_new_tokens=5, baseline=baseline)  # type: ignore[arg-type]
-    got = policy_gradient_features(
+    got, no_signal = policy_gradient_features(
         model, targets, [0, 1, 2], CONFIG, reward=even_tokens, sampling=sampling, seed=5, group_size=2
     )
     assert got.shape == (3, CONFIG.proj_dim)
+    assert no_signal.tolist() == [False, False, False]
     sampled = [
         *sample_responses(model, [[3, 4, 5], [9, 10]], sampling, derive_seed(5, "nice", 0, 1), EOS),
         *sample_responses(model, [[20, 21, 22, 23]], sampling, derive_seed(5, "nice", 2), EOS),
@@ -116,11 +122,33 @@ def test_features_equal_the_projected_policy_gradient(baseline: str) -> None:
     again = policy_gradient_features(
         model, targets, [0, 1, 2], CONFIG, reward=even_tokens, sampling=sampling, seed=5, group_size=2
     )
-    assert torch.equal(again, got)
+    assert torch.equal(again.features, got)
     other = policy_gradient_features(
         model, targets, [0, 1, 2], CONFIG, reward=even_tokens, sampling=sampling, seed=6, group_size=2
     )
-    assert not torch.allclose(other, got)
+    assert not torch.allclose(other.features, got)
+
+
+@pytest.mark.parametrize("fallback", [True, False])
+def test_targets_without_sampled_signal_are_flagged(fallback: bool) -> None:
+    """Every sampled response gets reward 0 (the reference 1): no sampled signal. With the
+    fallback the row is the reference answer's loss gradient, else zeros; flagged either way."""
+    model = make_model()
+    targets = [([3, 4, 5], [6, 2]), ([9, 10], [11, 12, 2])]
+
+    def only_reference(prompt: list[int], responses: list[list[int]], reference: list[int]) -> torch.Tensor:
+        return torch.tensor([0.0] * (len(responses) - 1) + [1.0])  # the reference comes last
+
+    sampling = Sampling(mc_samples=3, max_new_tokens=4, reference_fallback=fallback)
+    got = policy_gradient_features(
+        model, targets, [0, 1], CONFIG, reward=only_reference, sampling=sampling, seed=5, group_size=2
+    )
+    assert got.no_signal.tolist() == [True, True]
+    if fallback:
+        reference = direct_feature(model, targets[0][0], [targets[0][1]], "none", torch.ones(1))
+        assert (got.features[0] - reference).norm() <= 1e-5 * reference.norm()
+    else:
+        assert got.features.abs().sum() == 0
     with pytest.raises(ValueError, match="normalize=False"):
         policy_gradient_features(
             model, targets, [0], GradFeatureConfig(), reward=even_tokens, sampling=sampling, seed=5, group_size=1
@@ -149,7 +177,7 @@ def test_single_token_reward_feature_is_minus_the_exact_reward_gradient() -> Non
     config = GradFeatureConfig(method="loop", proj_dim=128, seed=1, normalize=False)
     got = policy_gradient_features(
         model, [(prompt, [a])], [0], config, reward=hit_a, sampling=sampling, seed=0, group_size=1
-    )[0]
+    ).features[0]
     grads = torch.autograd.grad(probs[a], list(params.values()))
     minus_grad_j = -ParamLayout.from_named(params.items()).project(
         {n: g[None] for n, g in zip(params, grads, strict=True)}, StreamingProjection(128, 1)
@@ -179,7 +207,8 @@ def test_model_ops_rows_equal_the_direct_function_and_reject_pretraining_rows() 
     direct = policy_gradient_features(
         model, rows, [4, 1, 2, 4], CONFIG, reward=even_tokens, sampling=sampling, seed=9, group_size=2
     )
-    torch.testing.assert_close(got, direct[:3])
+    torch.testing.assert_close(got.features, direct.features[:3])
+    assert torch.equal(got.no_signal, direct.no_signal[:3])
     pretraining = ModelOps(model, make_dataset((0, 0, 3)), default_data_collator, 4, torch.device("cpu"), name="pt")
     with pytest.raises(ConfigError, match=r"row 0 of evaluation set 'pt'.*no prompt"):
         pretraining.policy_gradient_features([0], CONFIG, reward=even_tokens, sampling=sampling, seed=9)

@@ -61,6 +61,24 @@ def test_a_set_without_signal_is_skipped_and_none_at_all_draws_at_random() -> No
     assert not torch.equal(silent[0], silent[2])
 
 
+@pytest.mark.parametrize("fallback", [True, False])
+def test_targets_without_signal_are_counted_and_warned_about(fallback: bool, caplog: pytest.LogCaptureFixture) -> None:
+    a = torch.randn(3, 5, generator=torch_generator(5, "a"))
+    a[1] = 0  # the fake's zero row: a target whose sampled responses carried no signal
+    selector = NiceSelector(NiceParams(reference_fallback=fallback))
+    assert selector.report() == {}
+    with caplog.at_level("WARNING", logger="datasteer.selectors.nice"):
+        selector.select(select_context(ops=fake_ops(a, torch.zeros(2, 5)), num_samples=4))
+    assert selector.report() == {"targets": 5, "targets_without_signal": 3}
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith("nice: 3 of 5 targets got the same reward for all 8 sampled responses")
+    assert ("reference answers stand in" in warning) is fallback
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="datasteer.selectors.nice"):
+        selector.select(select_context(ops=fake_ops(torch.ones(2, 5)), num_samples=4, update=1))
+    assert selector.report() == {"targets": 2, "targets_without_signal": 0} and not caplog.records
+
+
 def test_subsets_of_candidates_and_targets_are_fresh_per_update() -> None:
     ops = fake_ops(torch.randn(10, 5, generator=torch_generator(5, "t")))
     for update in (0, 1):

@@ -77,6 +77,10 @@ class SelectDriver(Driver[Selector]):
         assert self.run.sampler is not None
         self.run.sampler.add_selection(first, chosen)
         counts = np.bincount(self.run.domains[chosen], minlength=self.run.num_domains)
+        reports: dict[str, int | float] = {}
+        for selector in self.selectors:
+            for key, value in selector.report().items():
+                reports[key] = reports.get(key, 0) + value
         record = {
             "step": step,
             "update": update,
@@ -87,6 +91,7 @@ class SelectDriver(Driver[Selector]):
             "digest": digest(chosen),
             "domain_counts": dict(zip(self.run.domain_names, (int(c) for c in counts), strict=True)),
             **payload,
+            **reports,
             "seconds": round(time.perf_counter() - started, 6),
         }
         return record

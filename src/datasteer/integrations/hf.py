@@ -376,6 +376,8 @@ class SteeringCallback(TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         ctl = self.trainer.steering
+        if ctl is not None:
+            ctl.end(state.global_step)
         learned = ctl.learned_proportions() if ctl is not None else None
         if learned is None or not args.should_save:
             return

@@ -26,7 +26,7 @@ from datasteer.ops.gradients import GradFeatureConfig, grad_features
 from datasteer.ops.keys import INDEX_KEY
 from datasteer.ops.losses import per_sample_loss
 from datasteer.ops.moe import expert_loads
-from datasteer.ops.policy_gradient import Sampling, policy_gradient_features
+from datasteer.ops.policy_gradient import PolicyGradientFeatures, Sampling, policy_gradient_features
 from datasteer.ops.rewards import RewardFn, Target, split_prompt_response
 from datasteer.ops.sharding import full_parameters, padded_batch_count, param_sharding
 
@@ -229,7 +229,7 @@ class ModelOps:
         sampling: Sampling,
         seed: int,
         policy: nn.Module | None = None,
-    ) -> torch.Tensor:
+    ) -> PolicyGradientFeatures:
         """NICE's reward-weighted policy-gradient features of rows ``indices`` of this (SFT) set.
 
         See :func:`datasteer.ops.policy_gradient.policy_gradient_features` (``config.normalize``
@@ -273,5 +273,8 @@ class ModelOps:
                 group_size=size,
                 policy=policy,
             )
-        local = local.view(per, size, -1)[: stop - start]
-        return dist.gather_rows(local, n_groups).reshape(n_groups * size, -1)[: len(idx)]
+        # the no-signal flags travel as one more column, in the same gather as the rows
+        joined = torch.cat([local.features, local.no_signal.float().unsqueeze(1)], dim=1)
+        joined = joined.view(per, size, -1)[: stop - start]
+        rows = dist.gather_rows(joined, n_groups).reshape(n_groups * size, -1)[: len(idx)]
+        return PolicyGradientFeatures(rows[:, :-1].contiguous(), rows[:, -1] > 0)

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -83,6 +83,20 @@ def sample_responses(
     return [responses[i * m : (i + 1) * m] for i in range(len(prompts))]  # generate keeps a prompt's rows together
 
 
+class PolicyGradientFeatures(NamedTuple):
+    """What :func:`policy_gradient_features` returns.
+
+    Attributes:
+        features: ``(n, k)`` float32 rows, one per target.
+        no_signal: ``(n,)`` bool, True for a target whose sampled responses all got weight 0
+            (every reward 0, or all equal under a baseline): its row is its reference
+            answer's (``reference_fallback``) or zeros.
+    """
+
+    features: torch.Tensor
+    no_signal: torch.Tensor
+
+
 def response_weights(
     rewards: torch.Tensor, lengths: torch.Tensor, reference_reward: float, sampling: Sampling
 ) -> torch.Tensor:
@@ -135,7 +149,7 @@ def policy_gradient_features(
     seed: int,
     group_size: int,
     policy: nn.Module | None = None,
-) -> torch.Tensor:
+) -> PolicyGradientFeatures:
     """Projected reward-weighted policy gradients, one row per target (module docstring).
 
     Args:
@@ -153,7 +167,8 @@ def policy_gradient_features(
         policy: the model that samples (``None``: ``model``).
 
     Returns:
-        ``(len(targets), k)`` float32 CPU rows; a target without signal gets zeros.
+        ``(len(targets), k)`` float32 CPU rows (a target without signal gets its reference's
+        row under ``reference_fallback``, else zeros) and which targets had no sampled signal.
     """
     if config.normalize:
         raise ValueError("policy_gradient_features combines rows linearly; pass normalize=False")
@@ -182,17 +197,17 @@ def policy_gradient_features(
             batches.append(_response_batch(pairs))
     finally:
         sampler.train(was_training)
-    fallbacks = sum(bool(w[-1]) for w in weights)
+    no_signal = torch.tensor([not bool(w[:-1].any()) for w in weights], dtype=torch.bool)
     logger.info(
-        "NICE: %d targets, mean sampled reward %.4f, %d answered by their reference (no sampled signal)",
+        "NICE: %d targets, mean sampled reward %.4f, %d without sampled signal",
         len(weights),
         sum(mean_rewards) / max(len(mean_rewards), 1),
-        fallbacks,
+        int(no_signal.sum()),
     )
     feats = grad_features(model, batches, config, desc="NICE gradients")
     per = sampling.mc_samples + 1
     rows = [w @ feats[i * per : (i + 1) * per] for i, w in enumerate(weights)]
-    return torch.stack(rows) if rows else torch.empty(0, 0)
+    return PolicyGradientFeatures(torch.stack(rows) if rows else torch.empty(0, 0), no_signal)
 
 
 def load_policy(path: str | Path, *, device: torch.device, vocab_size: int) -> nn.Module:

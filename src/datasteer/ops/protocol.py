@@ -9,12 +9,15 @@ must say so with ``needs_model = True``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
 
 from datasteer.errors import SteeringStateError
+
+if TYPE_CHECKING:
+    from datasteer.ops.policy_gradient import PolicyGradientFeatures
 
 
 class ModelOperations(Protocol):
@@ -64,7 +67,7 @@ class ModelOperations(Protocol):
         sampling: Any,
         seed: int,
         policy: nn.Module | None = ...,
-    ) -> torch.Tensor: ...
+    ) -> PolicyGradientFeatures: ...
 
 
 class _NoModel:

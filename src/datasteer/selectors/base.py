@@ -45,6 +45,11 @@ class Selector(Algorithm[Any]):
     ``num_samples`` is the domain's share of the steps (see the README's composition rule).
     """
 
+    def report(self) -> dict[str, int | float]:
+        """Numbers behind the latest selection, added to its record in ``steering.jsonl``
+        (under a mixer, summed over the domains' selections)."""
+        return {}
+
     def check_within_domains(self) -> None:
         """Raise a ConfigError if this selector cannot choose within one domain's samples
         (e.g. it reads files prepared for the whole pool). Called when a run composes it

@@ -130,6 +130,13 @@ class NiceSelector(Selector):
         # Loaded once on first use; frozen resources, not training state.
         self._policy: nn.Module | None = None
         self._reward_model: RewardModel | None = None
+        self._report: dict[str, int | float] = {}
+
+    def report(self) -> dict[str, int | float]:
+        """``targets``: target rows sampled at the latest update; ``targets_without_signal``:
+        those whose sampled responses all got the same reward (under ``reference_fallback``
+        their reference answers stood in, otherwise they were left out)."""
+        return dict(self._report)
 
     def _sampler(self, ops: ModelOperations) -> nn.Module | None:
         p: NiceParams = self.params
@@ -178,12 +185,13 @@ class NiceSelector(Selector):
             reference_fallback=p.reference_fallback,
         )
         sets = []
+        total = silent = 0
         for t in ops.targets:
             n = len(t.dataset)
             rows = torch.arange(n)
             if p.targets is not None and p.targets < n:
                 rows = torch.randperm(n, generator=ctx.generator)[: p.targets].sort().values
-            feats = t.policy_gradient_features(
+            feats, no_signal = t.policy_gradient_features(
                 rows,
                 replace(config, normalize=False),
                 reward=reward,
@@ -191,10 +199,26 @@ class NiceSelector(Selector):
                 seed=seed,
                 policy=policy,
             )
+            total += len(feats)
+            silent += int(no_signal.sum())
             live = feats[feats.abs().sum(dim=1) > 0]  # a zero row has no direction to align with
             logger.info("nice: %d of %d targets of %s carry reward signal", len(live), len(feats), t.name or "eval")
             if len(live):
                 sets.append(live)
+        self._report = {"targets": total, "targets_without_signal": silent}
+        if silent:
+            instead = (
+                "their reference answers stand in (reference_fallback: true): this update is LESS on them"
+                if p.reference_fallback
+                else "they are left out (reference_fallback: false)"
+            )
+            logger.warning(
+                "nice: %d of %d targets got the same reward for all %d sampled responses (no signal); %s",
+                silent,
+                total,
+                p.mc_samples,
+                instead,
+            )
         k = min(ctx.num_samples, len(candidates))
         if not sets:
             logger.warning("nice: no target carries reward signal; selecting candidates at random this update")
