@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from datasteer.assets.corpus import BUILTIN_DOMAINS, CORPUS_FORMAT_VERSION, build_corpus
+from datasteer.assets.corpus import BUILTIN_DOMAINS, CORPUS_FORMAT_VERSION, LEARNABLE_DOMAINS, build_corpus
 from datasteer.assets.smollm2 import SMOLLM2_FORMAT_VERSION, SmolLM2UnavailableError, build_smollm2
 from datasteer.assets.tiny import (
     TINY_FORMAT_VERSION,
@@ -36,6 +36,7 @@ __all__ = [
     "BUILTIN_ASSETS",
     "BUILTIN_DOMAINS",
     "BUILTIN_PREFIX",
+    "LEARNABLE_DOMAINS",
     "ON_DEMAND_ASSETS",
     "SmolLM2UnavailableError",
     "assets_home",

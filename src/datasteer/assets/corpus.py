@@ -34,6 +34,11 @@ logger = logging.getLogger(__name__)
 BUILTIN_DOMAINS: tuple[str, ...] = ("prose", "code", "arithmetic", "noise")
 """Names of the built-in domains, in their canonical order."""
 
+LEARNABLE_DOMAINS: tuple[str, ...] = ("prose", "code", "arithmetic")
+"""The built-in domains with something to learn: ``noise`` is uniformly random tokens, whose
+loss no model can lower below its entropy, so a mean that includes it rewards spending
+steps on it."""
+
 CORPUS_FORMAT_VERSION = 1
 """Bumped whenever the content or layout of a built corpus changes."""
 
