@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -180,12 +181,26 @@ def test_eval_lora_output_on_its_run_eval_sets(
     source = find_model(str(tiny_run["lora"]))
     tok = load_tokenizer(source)
     sets = load_run_eval_sets(json.loads(tiny_run["run"].read_text()), tok, with_responses=True)
-    expected = evaluate_run(load_model(source), tok, sets, max_new_tokens=8)["qa_eval"]
+    expected = evaluate_run(load_model(source), sets, max_new_tokens=8)["qa_eval"]
     assert scores["qa_eval"]["tokens"] == expected.tokens == sum(len(response_ids(tok, r["response"])) for r in QA)
     assert scores["qa_eval"]["loss"] == pytest.approx(expected.loss, rel=1e-5)
     assert table["qa_eval"][0] == f"{expected.loss:.4f}"
     assert expected.accuracy is not None
     assert (scores["qa_eval"]["correct"], scores["qa_eval"]["total"]) == (expected.accuracy.correct, len(QA))
+
+
+def test_eval_reads_the_run_arguments_saved_in_the_output_dir(
+    tiny_run: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """LLaMA-Factory's web UI saves them as OUTPUT_DIR/training_args.yaml; --corpus still overrides."""
+    pytest.importorskip("llamafactory")
+    out = tmp_path / "out"
+    shutil.copytree(tiny_run["lora"], out)
+    shutil.copy(tiny_run["run"], out / "training_args.yaml")
+    assert main(["eval", str(out)]) == 0
+    assert list(table_of(capsys.readouterr().out)) == ["domain", "qa_eval", "mean"]
+    assert main(["eval", str(out), "--corpus", str(tiny_run["data"]), "--domains", "prose"]) == 0
+    assert list(table_of(capsys.readouterr().out)) == ["domain", "prose", "mean"]
 
 
 def test_eval_without_a_config_scores_the_corpus_with_equation_accuracy(

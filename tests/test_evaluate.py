@@ -279,7 +279,7 @@ def test_sft_eval_set_scores_response_tokens_only(tiny_run: dict[str, Path]) -> 
     sets = load_run_eval_sets(run_args(tiny_run), tok, with_responses=True)
     assert list(sets) == ["qa_eval"]
     assert sets["qa_eval"].references == [r["response"] + "\n" for r in QA]
-    result = evaluate_run(model, tok, sets, max_new_tokens=16)["qa_eval"]
+    result = evaluate_run(model, sets, max_new_tokens=16)["qa_eval"]
     # By hand: each row is the templated prompt (from LLaMA-Factory's predict_with_generate
     # rows) followed by the assistant turn; only the assistant turn's tokens are scored.
     total, count = 0.0, 0
@@ -308,6 +308,24 @@ def test_pt_eval_set_scores_every_token(tiny_run: dict[str, Path]) -> None:
         load_run_eval_sets(args, tok, with_responses=True)
 
 
+def test_run_eval_sets_use_the_runs_own_tokenizer(tiny_run: dict[str, Path], tmp_path: Path) -> None:
+    """A saved output dir's tokenizer carries the chat template LLaMA-Factory wrote, which it cannot
+    parse back for a run that named no template: the run's own tokenizer is used, the saved one
+    only when that is missing (then the error says what to add)."""
+    pytest.importorskip("llamafactory")
+    from llamafactory.data import get_template_and_fix_tokenizer
+    from llamafactory.hparams import DataArguments
+
+    saved = AutoTokenizer.from_pretrained(tiny_run["model"])
+    get_template_and_fix_tokenizer(saved, DataArguments(template="empty"))  # what a pt run saves
+    assert saved.chat_template
+    args = run_args(tiny_run, stage="pt", eval_dataset="qa_text_eval", finetuning_type="full", template=None)
+    args["packing"] = False
+    assert len(load_run_eval_sets(args, saved)["qa_text_eval"].rows) == len(QA)
+    with pytest.raises(ValueError, match="add template=NAME"):
+        load_run_eval_sets({**args, "model_name_or_path": str(tmp_path / "gone")}, saved)
+
+
 def test_run_eval_set_errors(tiny_run: dict[str, Path]) -> None:
     pytest.importorskip("llamafactory")
     tok = AutoTokenizer.from_pretrained(tiny_run["model"])
@@ -315,6 +333,10 @@ def test_run_eval_set_errors(tiny_run: dict[str, Path]) -> None:
         load_run_eval_sets(run_args(tiny_run, eval_dataset=None), tok)
     with pytest.raises(ValueError, match=r"--domains: \['nope'\]"):
         load_run_eval_sets(run_args(tiny_run), tok, domains=["nope"])
+    with pytest.raises(ValueError, match="eval set nope: Undefined dataset nope"):
+        load_run_eval_sets(run_args(tiny_run, eval_dataset="nope"), tok)
+    with pytest.raises(ValueError, match="eval set qa_text_eval: Cannot find sufficient samples"):
+        load_run_eval_sets(run_args(tiny_run, stage="pt", eval_dataset="qa_text_eval", finetuning_type="full"), tok)
 
 
 def test_lora_directory_loads_its_base_with_the_adapter_merged(tiny_run: dict[str, Path]) -> None:

@@ -125,6 +125,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     from datasteer.assets import resolve_builtin
 
     device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    os.environ.setdefault("LLAMAFACTORY_VERBOSITY", "WARNING")  # its log goes to stdout, as the table does
     try:
         domains = [d for d in ns.domains.split(",") if d] if ns.domains else None
         config, *overrides = ns.config or [None if ns.corpus else evaluate.find_run_config(resolve_builtin(ns.model))]
@@ -146,7 +147,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     if config is not None:
         print(f"datasteer: eval sets of {config}", file=sys.stderr)
         results = evaluate.evaluate_run(
-            model, tokenizer, sets, batch_size=ns.batch_size, max_new_tokens=ns.max_new_tokens, device=device
+            model, sets, batch_size=ns.batch_size, max_new_tokens=ns.max_new_tokens, device=device
         )
     else:
         max_length = ns.max_length or 128

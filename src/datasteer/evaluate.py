@@ -263,9 +263,14 @@ def response_exact_match(
     pad = _pad_id(tokenizer)
     stop = list(dict.fromkeys([tokenizer.eos_token_id, *stop_token_ids]))
     targets = [r.strip() for r in references]
-    longer = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) >= max_new_tokens for t in targets)
+    longer = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) > max_new_tokens for t in targets)
     if longer:
-        logger.warning("%d of %d references are longer than max_new_tokens=%d", longer, len(targets), max_new_tokens)
+        logger.warning(
+            "%d of %d references are longer than max_new_tokens=%d tokens and cannot match; raise it",
+            longer,
+            len(targets),
+            max_new_tokens,
+        )
     correct = 0
     with _eval_mode(model):
         for start in tqdm(range(0, len(prompts), batch_size), desc="generate", leave=False):
@@ -429,7 +434,7 @@ def evaluate_corpus(
 
 @dataclass(frozen=True)
 class EvalSet:
-    """One domain's held-out rows as training tokenised them.
+    """One domain's held-out rows as training tokenised them, with the tokenizer that did.
 
     ``rows``: ``(input_ids, labels)``; ``prompts``/``references``: the prompt ids and the
     reference response of each row, when asked for (sft); ``stop_token_ids``: where the
@@ -437,6 +442,7 @@ class EvalSet:
     """
 
     rows: list[tuple[list[int], list[int]]]
+    tokenizer: Any
     prompts: list[list[int]] | None = None
     references: list[str] | None = None
     stop_token_ids: tuple[int, ...] = ()
@@ -450,7 +456,7 @@ def find_run_config(output_dir: str | Path) -> Path | None:
 
 def load_run_eval_sets(
     args: Mapping[str, Any],
-    tokenizer: Any,
+    fallback_tokenizer: Any = None,
     *,
     domains: Sequence[str] | None = None,
     with_responses: bool = False,
@@ -459,15 +465,18 @@ def load_run_eval_sets(
 
     ``args``: the run's LLaMA-Factory keys (``builtin:`` values resolved). Each dataset of
     ``eval_dataset`` is one domain; without it, the ``val_size`` split of each training
-    dataset (the split training made: same seed). ``tokenizer`` is fixed up by the run's
-    template, as in training. ``with_responses`` (sft) also loads each row's prompt and
-    reference as LLaMA-Factory's ``predict_with_generate`` does.
+    dataset (the split training made: same seed). The tokenizer is training's (LLaMA-Factory's
+    ``load_tokenizer`` of the run's ``model_name_or_path``, then its template's fix-up), or
+    ``fallback_tokenizer`` when that one cannot be loaded (e.g. a hub model not cached here).
+    ``with_responses`` (sft) also loads each row's prompt and reference as LLaMA-Factory's
+    ``predict_with_generate`` does.
 
     Raises:
         ConfigError: no held-out set is named, an unknown domain, or LLaMA-Factory refuses the arguments.
     """
     from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
     from llamafactory.hparams import get_train_args
+    from llamafactory.model import load_tokenizer
 
     # Checked before LLaMA-Factory parses (and logs) anything.
     stage = str(args.get("stage") or "sft")
@@ -496,7 +505,21 @@ def load_run_eval_sets(
         if unknown:
             raise ConfigError(f"--domains: {unknown} are not eval sets of the run (have {names})")
         names = [n for n in names if n in domains]
-    template = get_template_and_fix_tokenizer(tokenizer, data_args)
+    try:
+        # Training's own tokenizer: a saved output dir's may carry a chat template that
+        # LLaMA-Factory wrote and cannot parse back when the run named no template.
+        tokenizer = load_tokenizer(model_args)["tokenizer"]
+    except (OSError, ValueError):
+        if fallback_tokenizer is None:
+            raise ConfigError(f"model_name_or_path: no tokenizer at {model_args.model_name_or_path}") from None
+        logger.info("no tokenizer at %s; tokenising with the model's", model_args.model_name_or_path)
+        tokenizer = fallback_tokenizer
+    try:
+        template = get_template_and_fix_tokenizer(tokenizer, data_args)
+    except ValueError as err:  # e.g. a chat template LLaMA-Factory wrote but cannot parse back
+        raise ConfigError(
+            f"template: none named and the tokenizer's chat template fails ({err}); add template=NAME"
+        ) from None
 
     def load(name: str, generate: bool) -> Any:
         sub = copy.copy(data_args)
@@ -507,7 +530,10 @@ def load_run_eval_sets(
         train_args.predict_with_generate = generate
         # LLaMA-Factory prints an example row to stdout; keep stdout for the results.
         with contextlib.redirect_stdout(io.StringIO()) as printed:
-            module = get_dataset(template, model_args, sub, train_args, stage, tokenizer)
+            try:
+                module = get_dataset(template, model_args, sub, train_args, stage, tokenizer)
+            except (ValueError, RuntimeError) as err:  # an unknown dataset, too few rows for one pt block
+                raise ConfigError(f"eval set {name}: {str(err).splitlines()[0]}") from None
         logger.debug("%s", printed.getvalue())
         return module["eval_dataset"]
 
@@ -524,13 +550,12 @@ def load_run_eval_sets(
             gen = load(name, generate=True)
             prompts = [list(i) for i in gen["input_ids"]]
             references = tokenizer.batch_decode([list(r) for r in gen["labels"]], skip_special_tokens=True)
-        sets[name] = EvalSet(rows, prompts, references, tuple(template.get_stop_token_ids(tokenizer)))
+        sets[name] = EvalSet(rows, tokenizer, prompts, references, tuple(template.get_stop_token_ids(tokenizer)))
     return sets
 
 
 def evaluate_run(
     model: Any,
-    tokenizer: Any,
     sets: Mapping[str, EvalSet],
     *,
     batch_size: int = 16,
@@ -541,12 +566,17 @@ def evaluate_run(
     results = {}
     for name, data in sets.items():
         result = labelled_loss(
-            model, data.rows, pad_token_id=_pad_id(tokenizer), batch_size=batch_size, device=device, desc=f"eval {name}"
+            model,
+            data.rows,
+            pad_token_id=_pad_id(data.tokenizer),
+            batch_size=batch_size,
+            device=device,
+            desc=f"eval {name}",
         )
         if data.prompts is not None and data.references is not None:
             acc = response_exact_match(
                 model,
-                tokenizer,
+                data.tokenizer,
                 data.prompts,
                 data.references,
                 max_new_tokens=max_new_tokens,
