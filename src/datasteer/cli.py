@@ -206,8 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixer", default="scheduled", help="the dynamic mixer's example (examples/quickstart/)")
     p.set_defaults(func=cmd_quickstart)
 
-    p = sub.add_parser("eval", help="held-out loss, perplexity and accuracy per domain of a trained model")
-    p.add_argument("model", help="a run's output_dir (full model or LoRA adapter), a checkpoint or builtin:tiny-llama")
+    p = sub.add_parser(
+        "eval",
+        help="held-out loss, perplexity and accuracy per domain of a trained model",
+        usage="datasteer eval OUTPUT_DIR [--config RUN.yaml [KEY=VALUE ...]] [options]",
+    )
+    p.add_argument(
+        "model",
+        metavar="OUTPUT_DIR",
+        help="a run's output_dir (full model or LoRA adapter), a checkpoint or builtin:tiny-llama",
+    )
     p.add_argument(
         "--config",
         nargs="+",
