@@ -257,3 +257,21 @@ def test_eval_of_a_trained_lora_run_with_its_config(
     table = table_of(capsys.readouterr().out)
     assert list(table) == ["domain", "arithmetic_sft_eval", "noise_sft_eval", "mean"]
     assert all(len(table[d]) == 4 and float(table[d][0]) > 0 for d in ("arithmetic_sft_eval", "noise_sft_eval"))
+
+
+def test_train_keeps_the_run_config_with_its_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from datasteer.cli import write_run_config
+
+    config = tmp_path / "run.yaml"
+    config.write_text("stage: pt\nmax_steps: 40\ndatasteer:\n  paradigm: mix\n  algorithm: static\n")
+    path = write_run_config(str(config), ["max_steps=7", "datasteer.seed=3"], str(tmp_path / "out"))
+    assert path == tmp_path / "out" / "training_args.yaml"
+    written = yaml.safe_load(path.read_text())
+    assert written == {
+        "stage": "pt",
+        "max_steps": 7,
+        "datasteer": {"paradigm": "mix", "algorithm": "static", "seed": 3},
+    }
+    monkeypatch.setenv("RANK", "1")  # other ranks of a launch leave it to rank 0
+    assert write_run_config(str(config), [], str(tmp_path / "other")) is None
+    assert not (tmp_path / "other").exists()

@@ -51,6 +51,23 @@ def prepare_run(config_path: str, overrides: Sequence[str]) -> tuple[dict[str, A
     return data, steering
 
 
+def write_run_config(config_path: str, overrides: Sequence[str], output_dir: str | None) -> Path | None:
+    """Keep the run's config, overrides applied, as ``OUTPUT_DIR/training_args.yaml`` (the name
+    LLaMA-Factory's web UI uses), so that ``datasteer eval OUTPUT_DIR`` finds the run's own
+    eval sets and template. Only the first process of a launch writes it."""
+    if not output_dir or os.environ.get("RANK", "0") != "0":
+        return None
+    import yaml
+
+    from datasteer.config import apply_overrides, read_yaml
+
+    data = apply_overrides(read_yaml(config_path), overrides)
+    path = Path(output_dir) / "training_args.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
 def cmd_train(ns: argparse.Namespace) -> int:
     try:
         args, steering = prepare_run(ns.config, ns.overrides)
@@ -60,7 +77,9 @@ def cmd_train(ns: argparse.Namespace) -> int:
         llamafactory.check_version()
     except ConfigError as err:
         return _fail(str(err))
+    output_dir = args.get("output_dir")
     llamafactory.run(args, steering, parsed)
+    write_run_config(ns.config, ns.overrides, str(output_dir) if output_dir else None)
     return 0
 
 

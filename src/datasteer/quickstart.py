@@ -83,9 +83,7 @@ def verdict(results: dict[str, dict[str, float]]) -> str:
     dynamic, static = results[runs[0]], results[runs[-1]]
     gain = _mean(static, LEARNABLE_DOMAINS) - _mean(dynamic, LEARNABLE_DOMAINS)
     others = [d for d in BUILTIN_DOMAINS if d not in LEARNABLE_DOMAINS]
-    cost = ", ".join(
-        f"{d} {dynamic[f'eval_{d}_eval_loss'] - static[f'eval_{d}_eval_loss']:+.4f}" for d in others
-    )
+    cost = ", ".join(f"{d} {dynamic[f'eval_{d}_eval_loss'] - static[f'eval_{d}_eval_loss']:+.4f}" for d in others)
     word = "lowers" if gain > 0 else "raises"
     return (
         f"{runs[0]} {word} the mean held-out loss of the learnable domains "
