@@ -90,18 +90,28 @@ class Experiment:
         return self.output / self.name
 
 
-def parse_args(description: str, *, steps: int, seeds: Sequence[int] = (1, 2, 3)) -> argparse.Namespace:
+def parse_args(
+    description: str, *, steps: int, seeds: Sequence[int] = (1, 2, 3), output: str = "outputs/experiments/tiny"
+) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--steps", type=int, default=steps, help="optimizer steps per run")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(seeds))
     parser.add_argument("--jobs", type=int, default=2, help="runs trained at once (one CPU thread each)")
-    parser.add_argument("--output-dir", default="outputs/experiments/tiny", help="where the runs go")
+    parser.add_argument("--output-dir", default=output, help="where the runs go (shared by the experiments)")
     parser.add_argument("--only", nargs="+", default=None, help="train only these arms (and what they need)")
     parser.add_argument("--force", action="store_true", help="retrain runs that are already done")
     return parser.parse_args()
 
 
 # -- running ----------------------------------------------------------------------------------
+
+
+def _fill(text: str, exp: Experiment, seed: int) -> str:
+    """``{seed}`` and ``{run:NAME}`` (arm NAME's output directory of this seed) filled in."""
+    text = text.replace("{seed}", str(seed))
+    for other in exp.arms:
+        text = text.replace(f"{{run:{other.name}}}", str(exp.run_dir(other.name, seed)))
+    return text
 
 
 def _config(exp: Experiment, arm: Arm, seed: int) -> str:
@@ -115,15 +125,14 @@ def _config(exp: Experiment, arm: Arm, seed: int) -> str:
     raw["datasteer"] = arm.datasteer
     derived = exp.run_dir(arm.name, seed).parent / f"{arm.name}.yaml"
     derived.parent.mkdir(parents=True, exist_ok=True)
-    derived.write_text(f"# {path.name} with another datasteer: block\n" + yaml.safe_dump(raw, sort_keys=False))
+    block = _fill(yaml.safe_dump(raw, sort_keys=False), exp, seed)
+    derived.write_text(f"# {path.name} with another datasteer: block\n" + block)
     return str(derived)
 
 
 def _command(exp: Experiment, arm: Arm, seed: int) -> list[str]:
     out = exp.run_dir(arm.name, seed)
-    overrides = [o.replace("{seed}", str(seed)) for o in arm.overrides]
-    for other in exp.arms:
-        overrides = [o.replace(f"{{run:{other.name}}}", str(exp.run_dir(other.name, seed))) for o in overrides]
+    overrides = [_fill(o, exp, seed) for o in arm.overrides]
     return [
         _config(exp, arm, seed),
         f"output_dir={out}",
@@ -302,6 +311,8 @@ def collect(exp: Experiment) -> None:
 
 def _summary(values: Sequence[float]) -> str:
     mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.4f}"
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{mean:.4f} ± {spread:.4f}"
 

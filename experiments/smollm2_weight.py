@@ -1,0 +1,33 @@
+"""Claim (real model): reducible-loss weights (RHO-LOSS as weights; the reference model is
+the uniform-mixture run of the same seed) change SmolLM2-135M's held-out loss against
+uniform weights at equal steps, samples and tokens.
+
+    .venv/bin/python -m experiments.smollm2_weight      # needs ./install.sh --with-smollm2
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from experiments.common import Experiment, main, parse_args
+from experiments.smollm2 import ARMS
+
+if __name__ == "__main__":
+    ns = parse_args(__doc__.splitlines()[0], steps=40, seeds=(1,), output="outputs/experiments/smollm2")
+    arms = [
+        replace(ARMS["static"], evaluate=False),
+        ARMS["uniform_weight"],
+        ARMS["reducible"],
+    ]
+    exp = Experiment(
+        "smollm2_weight",
+        "SmolLM2-135M: reducible-loss weights vs uniform weights",
+        "uniform_weight",
+        arms,
+        ns.seeds,
+        ns.steps,
+        Path(ns.output_dir),
+    )
+    sys.exit(main(exp, ns))
