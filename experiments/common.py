@@ -8,8 +8,10 @@ already holds ``metrics.json`` is not trained again (``--force`` retrains), so a
 interrupted experiment continues where it stopped.
 
 Evaluation is done after training on the saved model, on the built-in corpus's held-out
-splits (``<domain>_eval.jsonl``, 100 rows per domain, not the targets' rows of a targeted
-selector since those are the training-time ``eval_dataset``), with :mod:`datasteer.evaluate`:
+splits (``<domain>_eval.jsonl``, 100 rows per domain, never trained on), with
+:mod:`datasteer.evaluate`. For a targeted selector, the arithmetic rows are also its
+targets (the training-time ``eval_dataset``, as the target set is the validation set in
+LESS's setup): it sees their features, never trains on them.
 
 - ``pt`` runs: the token-mean loss of each domain's held-out ``text``;
 - ``sft`` runs: the response-token loss of each domain's held-out prompt/response rows,
@@ -77,6 +79,7 @@ class Experiment:
     output: Path
     common: tuple[str, ...] = ()
     target: str | None = None  # the target domain of targeted selectors
+    eval_length: int = 128  # tokens of each held-out text scored
     results: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     def arm(self, name: str) -> Arm:
@@ -271,7 +274,7 @@ def evaluate_run(exp: Experiment, arm: Arm, seed: int) -> dict[str, Any]:
     source = find_model(str(out))
     model, tokenizer = load_model(source), load_tokenizer(source)
     texts = read_corpus_texts(Path(resolve_builtin("builtin:corpus")), DOMAINS)
-    on_text = evaluate_corpus(model, tokenizer, texts)
+    on_text = evaluate_corpus(model, tokenizer, texts, max_length=exp.eval_length)
     losses = {d: r.loss for d, r in on_text.items()}
     if arm.stage == "sft":  # response tokens of the held-out rows, through the run's own template
         config = find_run_config(out)

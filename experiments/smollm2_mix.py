@@ -22,5 +22,6 @@ if __name__ == "__main__":
         ns.seeds,
         ns.steps,
         Path(ns.output_dir),
+        eval_length=64,  # the runs train on 64-token blocks
     )
     sys.exit(main(exp, ns))

@@ -23,6 +23,7 @@ if __name__ == "__main__":
         ns.seeds,
         ns.steps,
         Path(ns.output_dir),
+        eval_length=64,  # the runs train on 64-token blocks
         target="arithmetic",
     )
     sys.exit(main(exp, ns))
