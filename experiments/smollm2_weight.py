@@ -1,6 +1,11 @@
 """Claim (real model): reducible-loss weights (RHO-LOSS as weights; the reference model is
 the uniform-mixture run of the same seed) change SmolLM2-135M's held-out loss against
-uniform weights at equal steps, samples and tokens.
+uniform weights at equal steps and tokens.
+
+The baseline is the ``random_select`` run of ``smollm2_target``: random selection serves a
+uniformly random stream of the pool with weight 1, which is what uniform weights on the
+Trainer's own shuffled pool are (a separate run would cost ten minutes on 2 cores to
+measure the same distribution).
 
     .venv/bin/python -m experiments.smollm2_weight      # needs ./install.sh --with-smollm2
 """
@@ -18,13 +23,13 @@ if __name__ == "__main__":
     ns = parse_args(__doc__.splitlines()[0], steps=40, seeds=(1,), output="outputs/experiments/smollm2")
     arms = [
         replace(ARMS["static"], evaluate=False),
-        ARMS["uniform_weight"],
+        ARMS["random_select"],
         ARMS["reducible"],
     ]
     exp = Experiment(
         "smollm2_weight",
         "SmolLM2-135M: reducible-loss weights vs uniform weights",
-        "uniform_weight",
+        "random_select",
         arms,
         ns.seeds,
         ns.steps,
