@@ -207,7 +207,10 @@ def run_all(exp: Experiment, jobs: int, only: Sequence[str] | None, force: bool)
                 def task(arm: Arm = arm, deps: list[Future[float]] = deps) -> float:
                     for d in deps:
                         d.result()
-                    return _train(exp, arm, seed, force)
+                    seconds = _train(exp, arm, seed, force)
+                    if arm.evaluate:  # here, while the other worker trains, not after all runs
+                        evaluate_run(exp, arm, seed)
+                    return seconds
 
                 futures[key] = pool.submit(task) if not deps else _chain(pool, deps, task)
             return futures[key]
@@ -270,7 +273,7 @@ def evaluate_run(exp: Experiment, arm: Arm, seed: int) -> dict[str, Any]:
         read_run_args,
     )
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # one thread per worker, as the training subprocesses
     source = find_model(str(out))
     model, tokenizer = load_model(source), load_tokenizer(source)
     texts = read_corpus_texts(Path(resolve_builtin("builtin:corpus")), DOMAINS)
