@@ -35,6 +35,14 @@ def doc(text: str, **kwargs: Any) -> Any:
     return field(metadata=metadata, **kwargs)
 
 
+def _key_text(key: object) -> str:
+    """A key as an error message shows it: as written, or quoted when it is not a plain word
+    (a key with a newline or spaces must not break the one-line message)."""
+    if isinstance(key, str) and key and key.isprintable() and not any(c.isspace() for c in key):
+        return key
+    return repr(key)
+
+
 def _suggest(key: str, allowed: Sequence[str]) -> str:
     close = difflib.get_close_matches(key, list(allowed), n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
@@ -137,7 +145,9 @@ def parse_dataclass(cls: type[T], data: Any, where: str) -> T:
     for key, value in data.items():
         if key not in fields:
             allowed = ", ".join(fields) or "(none)"
-            raise ConfigError(f"{where}.{key}: unknown key{_suggest(str(key), list(fields))}; allowed: {allowed}")
+            raise ConfigError(
+                f"{where}.{_key_text(key)}: unknown key{_suggest(str(key), list(fields))}; allowed: {allowed}"
+            )
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
     for name, f in fields.items():
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
@@ -336,7 +346,8 @@ def load_steering(data: Any, where: str = "datasteer") -> SteeringConfig:
     return SteeringConfig(stages, run.seed, run.lag, run.log_file)
 
 
-_EXPONENT_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+#: A float written without a dot (``1e-4``): YAML 1.1 reads it as a string, YAML 1.2 as a float.
+EXPONENT_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 _YAML11_BOOLEAN_WORDS = frozenset({"y", "n", "yes", "no", "on", "off"})
 
 
@@ -345,11 +356,20 @@ def parse_scalar(text: str) -> Any:
 
     Only ``true``/``false`` are booleans: ``no``, ``off``, ``yes`` and ``on`` stay strings
     (``save_strategy=no`` means the string ``"no"``, not YAML 1.1's ``False``).
+
+    Raises:
+        ConfigError: the text does not parse as YAML (e.g. an unclosed bracket).
     """
     if text.strip().lower() in _YAML11_BOOLEAN_WORDS:
         return text
-    value = yaml.safe_load(text) if text.strip() else ""
-    if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or err.__class__.__name__
+        raise ConfigError(
+            f"{text!r} is not a YAML value ({problem}); close its brackets or quotes, or quote the whole value"
+        ) from None
+    if isinstance(value, str) and EXPONENT_FLOAT.fullmatch(value.strip()):
         return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
     return value
 
@@ -370,7 +390,10 @@ def apply_overrides(config: dict[str, Any], overrides: Sequence[str]) -> dict[st
             if not isinstance(child, dict):
                 raise ConfigError(f"{key}: '{part}' is not a block, cannot set a key inside it")
             node = child
-        node[parts[-1]] = parse_scalar(text)
+        try:
+            node[parts[-1]] = parse_scalar(text)
+        except ConfigError as err:
+            raise ConfigError(f"{key}: {err}") from None
     return result
 
 
@@ -389,7 +412,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: no such config file")
     try:
         data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as err:
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: not valid YAML ({err.__class__.__name__})") from None
     if data is None:
         data = {}
