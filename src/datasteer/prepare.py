@@ -233,7 +233,7 @@ def prepare(kind: str, args: dict[str, Any], steering: SteeringPlan | None) -> P
         raise ConfigError(f"datasteer.params.prepared: set the directory `datasteer prepare {kind}` writes to")
     from datasteer.integrations import llamafactory
 
-    model_args, data_args, training_args, finetuning_args, _ = llamafactory.validate(args, steering)
+    model_args, data_args, training_args, finetuning_args, _ = llamafactory.validate(args, steering, training=False)
     from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
     from llamafactory.model import load_model, load_tokenizer
 

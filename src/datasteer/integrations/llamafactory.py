@@ -26,8 +26,10 @@ from typing import Any
 import numpy as np
 
 from datasteer.errors import ConfigError
+from datasteer.integrations import llamafactory_checks as checks
 from datasteer.integrations.hf import SteeringMixin
 from datasteer.plan import SteeringPlan
+from datasteer.validate import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -56,24 +58,50 @@ def check_version() -> str:
     return version
 
 
-def validate(args: dict[str, Any], steering: SteeringPlan) -> Any:
-    """Parse the LLaMA-Factory keys with its own parser and check they suit steering.
+def validate(args: dict[str, Any], steering: SteeringPlan | None, *, training: bool = True) -> Any:
+    """Check a run before anything heavy: its keys with LLaMA-Factory's own parser, the
+    steering block against them, and the inputs both name (models, data files, target
+    sets, prepared files, the checkpoint to resume from).
 
-    Runs before any model or data is loaded. Returns LLaMA-Factory's parsed argument tuple
-    (which :func:`run` hands to the workflow: the arguments are parsed once).
+    Runs before any model or data is loaded and writes nothing. Returns LLaMA-Factory's
+    parsed argument tuple (which :func:`run` hands to the workflow: the arguments are
+    parsed once). A float key written as ``1e-3`` (a string to YAML 1.1) is converted in
+    ``args``.
+
+    Args:
+        args: LLaMA-Factory's keys.
+        steering: the run's plan (None: a plain LLaMA-Factory run, its inputs still checked).
+        training: False for ``datasteer prepare``, which writes the prepared files the
+            training checks and resumes nothing.
+
+    Raises:
+        ConfigError: one line naming the key or file and the fix.
     """
     check_version()
     from llamafactory.hparams import get_train_args
 
-    if args.get("enable_liger_kernel") and steering.needs_sample_losses():
+    if steering is not None and args.get("enable_liger_kernel") and steering.needs_sample_losses():
         raise ConfigError(
             f"enable_liger_kernel: its fused loss returns no logits, and {steering.config.describe()} needs "
             "per-sample losses from them; turn it off"
         )
+    args.update(checks.coerce_arg_types(args))
     try:
-        model_args, data_args, training_args, finetuning_args, generating_args = get_train_args(dict(args))
-    except (ValueError, TypeError, ImportError) as err:
-        raise ConfigError(f"LLaMA-Factory config: {str(err).splitlines()[0]}") from None
+        parsed = get_train_args(dict(args))
+    except (ValueError, TypeError, ImportError, AssertionError) as err:
+        raise ConfigError(f"LLaMA-Factory config: {first_line(err)}") from None
+    model_args, data_args, training_args, finetuning_args, _ = parsed
+    checks.check_values(model_args, data_args, training_args, finetuning_args)
+    if steering is not None:
+        _check_steerable(steering, data_args, training_args, finetuning_args)
+    # Without the key, LLaMA-Factory resumes the last checkpoint it finds in output_dir.
+    resume_key = "resume_from_checkpoint" if args.get("resume_from_checkpoint") else "output_dir"
+    checks.check_inputs(parsed, steering, training=training, resume_key=resume_key)
+    return parsed
+
+
+def _check_steerable(steering: SteeringPlan, data_args: Any, training_args: Any, finetuning_args: Any) -> None:
+    """The LLaMA-Factory settings a steered run needs."""
     if finetuning_args.stage not in STAGES:
         raise ConfigError(f"stage: datasteer steers stages {', '.join(STAGES)}, got {finetuning_args.stage!r}")
     if not training_args.do_train:
@@ -90,12 +118,49 @@ def validate(args: dict[str, Any], steering: SteeringPlan) -> Any:
         finetuning_args.use_dft_loss or finetuning_args.use_eaft_loss or finetuning_args.use_asft_loss
     ):
         raise ConfigError("use_dft_loss/use_eaft_loss/use_asft_loss: cannot be combined with a weight stage")
+    if getattr(training_args, "train_sampling_strategy", "random") == "group_by_length":
+        raise ConfigError(
+            "train_sampling_strategy: group_by_length cannot be combined with datasteer (it orders the data)"
+        )
+    if training_args.ignore_data_skip:
+        raise ConfigError("ignore_data_skip: datasteer resumes exactly; set ignore_data_skip: false")
     steering.check_domains(list(data_args.dataset))
-    return model_args, data_args, training_args, finetuning_args, generating_args
 
 
-def _per_domain_loader(original: Any, domains: _Domains) -> Any:
-    """Wrap LLaMA-Factory's ``get_dataset``: one call per dataset, then concatenate."""
+@contextlib.contextmanager
+def _loading(key: str, names: Any, data_args: Any) -> Iterator[None]:
+    """Turn LLaMA-Factory's data errors while loading ``names`` into one line naming them.
+
+    The pre-flight checks catch these before training; this covers what they cannot see
+    (a bad row past the first rows of a large file, a hub dataset, rows that preprocessing
+    drops entirely). A KeyError here is a column the rows lack (the converter reads them).
+    """
+    from datasets.exceptions import DatasetGenerationError
+
+    where = f"{key}: {', '.join(map(repr, names))} (dataset_dir {data_args.dataset_dir})"
+    try:
+        yield
+    except ConfigError:
+        raise
+    except DatasetGenerationError as err:
+        cause = err.__cause__ or err.__context__ or err
+        raise ConfigError(f"{where}: a data file could not be read ({first_line(cause)})") from None
+    except KeyError as err:
+        raise ConfigError(f"{where}: the rows have no column {err} (check columns in dataset_info.json)") from None
+    except ValueError as err:
+        raise ConfigError(f"{where}: {first_line(err)}") from None
+    except RuntimeError as err:
+        if not str(err).startswith("Cannot find"):  # LLaMA-Factory: every row was dropped
+            raise
+        raise ConfigError(f"{where}: no usable rows after preprocessing ({first_line(err)})") from None
+
+
+def _per_domain_loader(original: Any, domains: _Domains, check: Any = None) -> Any:
+    """Wrap LLaMA-Factory's ``get_dataset``: one call per dataset, then concatenate.
+
+    ``check(module, domains, model_args)``, if given, sees the loaded rows before they are
+    returned (and before the workflow loads the model).
+    """
     from datasets import concatenate_datasets
 
     def get_dataset(
@@ -112,7 +177,8 @@ def _per_domain_loader(original: Any, domains: _Domains) -> Any:
         for name in names:
             sub = copy.copy(data_args)
             sub.dataset, sub.eval_dataset = [name], None
-            module = original(template, model_args, sub, training_args, stage, tokenizer, processor)
+            with _loading("dataset", [name], data_args):
+                module = original(template, model_args, sub, training_args, stage, tokenizer, processor)
             trains.append(module["train_dataset"])
             if "eval_dataset" in module:
                 evals[name] = module["eval_dataset"]
@@ -120,7 +186,9 @@ def _per_domain_loader(original: Any, domains: _Domains) -> Any:
         if data_args.eval_dataset:
             sub = copy.copy(data_args)
             sub.dataset = None
-            extra = original(template, model_args, sub, training_args, stage, tokenizer, processor)["eval_dataset"]
+            with _loading("eval_dataset", data_args.eval_dataset, data_args):
+                extra = original(template, model_args, sub, training_args, stage, tokenizer, processor)
+            extra = extra["eval_dataset"]
             if isinstance(extra, dict):
                 evals.update(extra)
             else:
@@ -133,6 +201,8 @@ def _per_domain_loader(original: Any, domains: _Domains) -> Any:
         result: dict[str, Any] = {"train_dataset": concatenate_datasets(trains)}
         if evals:
             result["eval_dataset"] = evals if len(evals) > 1 else next(iter(evals.values()))
+        if check is not None:
+            check(result, domains, model_args)
         return result
 
     return get_dataset
@@ -165,9 +235,13 @@ def steered_workflow(steering: SteeringPlan, parsed: Any = None) -> Iterator[Non
     from llamafactory.train.sft import workflow as sft_workflow
 
     domains = _Domains()
+
+    def check(module: dict[str, Any], loaded: _Domains, model_args: Any) -> None:
+        checks.check_pool(steering, module, loaded.ids, loaded.names, model_args)
+
     swaps = [
-        (pt_workflow, "get_dataset", _per_domain_loader(pt_workflow.get_dataset, domains)),
-        (sft_workflow, "get_dataset", _per_domain_loader(sft_workflow.get_dataset, domains)),
+        (pt_workflow, "get_dataset", _per_domain_loader(pt_workflow.get_dataset, domains, check)),
+        (sft_workflow, "get_dataset", _per_domain_loader(sft_workflow.get_dataset, domains, check)),
         (pt_workflow, "CustomTrainer", _steered_trainer(pt_workflow.CustomTrainer, steering, domains)),
         (sft_workflow, "CustomSeq2SeqTrainer", _steered_trainer(sft_workflow.CustomSeq2SeqTrainer, steering, domains)),
     ]
