@@ -19,11 +19,45 @@ from datasteer import __version__
 from datasteer.errors import ConfigError
 
 EXIT_CONFIG = 2
+#: A run that started and then failed on purpose (a datasteer error, a data file it could not read).
+EXIT_FAILED = 1
 
 
-def _fail(message: str) -> int:
+def _fail(message: str, code: int = EXIT_CONFIG) -> int:
     print(f"datasteer: error: {message}", file=sys.stderr)
-    return EXIT_CONFIG
+    return code
+
+
+def _run_failure(err: BaseException) -> tuple[str, int] | None:
+    """(one line, exit code) for an error a run raises on purpose or a known data error;
+    None for anything else (a bug, which keeps its traceback)."""
+    from datasets.exceptions import DatasetGenerationError
+
+    from datasteer.errors import DatasteerError
+    from datasteer.validate import first_line
+
+    if isinstance(err, ConfigError):
+        return first_line(err), EXIT_CONFIG
+    if isinstance(err, DatasteerError):
+        return first_line(err), EXIT_FAILED
+    if isinstance(err, DatasetGenerationError):
+        cause = err.__cause__ or err.__context__ or err
+        return f"a data file could not be read ({first_line(cause)})", EXIT_CONFIG
+    if isinstance(err, RuntimeError) and str(err).startswith("Cannot find"):
+        # LLaMA-Factory, when preprocessing dropped every row (too short for cutoff_len, no response)
+        return f"dataset: no usable rows after preprocessing ({first_line(err)})", EXIT_CONFIG
+    return None
+
+
+def _remove_if_empty(path: Path) -> None:
+    """Remove ``path`` if it holds no file: a failed run created it and wrote nothing in it."""
+    if os.environ.get("RANK", "0") != "0" or not path.is_dir():
+        return
+    if any(p.is_file() or p.is_symlink() for p in path.rglob("*")):
+        return
+    for folder in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        folder.rmdir()
+    path.rmdir()
 
 
 def prepare_run(config_path: str, overrides: Sequence[str]) -> tuple[dict[str, Any], Any]:
@@ -73,26 +107,35 @@ def cmd_train(ns: argparse.Namespace) -> int:
         args, steering = prepare_run(ns.config, ns.overrides)
         from datasteer.integrations import llamafactory
 
-        parsed = llamafactory.validate(args, steering) if steering is not None else None
-        llamafactory.check_version()
+        parsed = llamafactory.validate(args, steering)  # everything checkable before a model loads
     except ConfigError as err:
         return _fail(str(err))
     output_dir = args.get("output_dir")
-    llamafactory.run(args, steering, parsed)
+    fresh = Path(str(output_dir)) if output_dir and not Path(str(output_dir)).exists() else None
+    try:
+        llamafactory.run(args, steering, parsed)
+    except Exception as err:
+        failure = _run_failure(err)
+        if failure is None:
+            raise
+        if fresh is not None:
+            _remove_if_empty(fresh)
+        return _fail(*failure)
     write_run_config(ns.config, ns.overrides, str(output_dir) if output_dir else None)
     return 0
 
 
 def cmd_prepare(ns: argparse.Namespace) -> int:
-    from datasteer.errors import SteeringStateError
-
     try:
         args, steering = prepare_run(ns.config, ns.overrides)
         from datasteer.prepare import prepare
 
         path = prepare(ns.kind, args, steering)
-    except (ConfigError, SteeringStateError) as err:
-        return _fail(str(err))
+    except Exception as err:
+        failure = _run_failure(err)
+        if failure is None:
+            raise
+        return _fail(*failure)
     print(f"datasteer: prepared {ns.kind}: {path}")
     return 0
 
