@@ -203,6 +203,20 @@ def test_eval_reads_the_run_arguments_saved_in_the_output_dir(
     assert list(table_of(capsys.readouterr().out)) == ["domain", "prose", "mean"]
 
 
+def test_eval_of_a_run_whose_config_names_no_eval_sets_scores_the_corpus(
+    tiny_run: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """datasteer train keeps every run's config; one without eval sets falls back to the corpus."""
+    out = tmp_path / "out"
+    shutil.copytree(tiny_run["lora"], out)
+    config = yaml.safe_load(tiny_run["run"].read_text())
+    config.pop("eval_dataset", None)
+    config.pop("val_size", None)
+    (out / "training_args.yaml").write_text(yaml.safe_dump(config))
+    assert main(["eval", str(out), "--domains", "prose"]) == 0
+    assert list(table_of(capsys.readouterr().out)) == ["domain", "prose", "mean"]
+
+
 def test_eval_without_a_config_scores_the_corpus_with_equation_accuracy(
     tiny_run: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:

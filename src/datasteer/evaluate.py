@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from datasteer.errors import ConfigError
@@ -449,9 +450,20 @@ class EvalSet:
 
 
 def find_run_config(output_dir: str | Path) -> Path | None:
-    """``OUTPUT_DIR/training_args.yaml`` (LLaMA-Factory's record of a run's arguments), if there."""
+    """``OUTPUT_DIR/training_args.yaml`` (the run's config, which ``datasteer train`` keeps),
+    if it is there and names held-out sets (``eval_dataset``, or ``val_size`` with a dataset);
+    otherwise ``None``: the evaluation falls back to the built-in corpus."""
     path = Path(output_dir) / RUN_CONFIG_FILE
-    return path if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        args = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(args, dict):
+        return None
+    names_sets = bool(args.get("eval_dataset")) or bool(args.get("val_size") and args.get("dataset"))
+    return path if names_sets else None
 
 
 def load_run_eval_sets(
