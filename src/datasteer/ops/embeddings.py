@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from datasteer import dist
+from datasteer.ops.hub import ALLOW_DOWNLOADS, local_files_only
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +123,8 @@ class LocalEncoder:
     """Embeds raw texts with a local sentence-transformers-style model directory.
 
     The directory must hold a transformers model and tokenizer at its root (as
-    sentence-transformers saves them). Loading uses ``local_files_only=True``.
+    sentence-transformers saves them). Loading is offline (``local_files_only=True``) unless
+    downloads are allowed (see :mod:`datasteer.ops.hub`).
 
     Args:
         path: the model directory.
@@ -148,15 +150,19 @@ class LocalEncoder:
         from transformers import AutoModel, AutoTokenizer
 
         self.path = Path(path)
-        if not (self.path / "config.json").is_file():
-            raise FileNotFoundError(f"{self.path} is not a local model directory (no config.json)")
+        if local_files_only() and not (self.path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{self.path} is not a local model directory (no config.json); set {ALLOW_DOWNLOADS}=1 to let "
+                "it be downloaded from the Hugging Face Hub"
+            )
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.max_length = max_length
         self.pooling: Pooling = pooling
         self.normalize = normalize
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
-        self.model = AutoModel.from_pretrained(self.path, local_files_only=True).to(self.device).eval()
+        offline = local_files_only()
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=offline)
+        self.model = AutoModel.from_pretrained(str(path), local_files_only=offline).to(self.device).eval()
 
     @property
     def dim(self) -> int:

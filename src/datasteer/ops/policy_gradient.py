@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from datasteer import dist
 from datasteer.ops.gradients import GradFeatureConfig, grad_features
+from datasteer.ops.hub import local_files_only
 from datasteer.ops.losses import IGNORE_INDEX
 from datasteer.ops.rewards import RewardFn, Target, eos_ids
 from datasteer.rng import derive_seed
@@ -219,7 +220,7 @@ def load_policy(path: str | Path, *, device: torch.device, vocab_size: int) -> n
     """
     from transformers import AutoModelForCausalLM
 
-    model: Any = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=local_files_only())
     model = model.to(device)
     size = model.get_input_embeddings().num_embeddings
     if size != vocab_size:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from datasteer.errors import ConfigError
+from datasteer.ops.hub import local_files_only, require_local
 from datasteer.ops.losses import per_token_loss, token_mean
 
 logger = logging.getLogger(__name__)
@@ -20,9 +21,11 @@ def load_reference_model(path: str, like: nn.Module) -> nn.Module:
     """Load the causal LM saved at ``path`` (full weights, or a PEFT adapter, merged), frozen, in eval mode.
 
     Its dtype follows ``like`` (the model being trained), whose vocabulary it must share.
+    Offline (see :mod:`datasteer.ops.hub`): the base model an adapter names must be a local
+    directory too, unless downloads are allowed.
 
     Raises:
-        ConfigError: no model at ``path``, or a different vocabulary.
+        ConfigError: no model at ``path`` (or at its adapter's base), or a different vocabulary.
     """
     from transformers import AutoModelForCausalLM
 
@@ -38,10 +41,11 @@ def load_reference_model(path: str, like: nn.Module) -> nn.Module:
         from peft import PeftModel
 
         base_path = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
-        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+        require_local(base_path, f"reference_model: {path} is an adapter whose base model")
+        base = _from_pretrained(AutoModelForCausalLM, base_path, dtype)
         model = PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+        model = _from_pretrained(AutoModelForCausalLM, str(folder), dtype)
     ours = getattr(getattr(like, "config", None), "vocab_size", None)
     theirs = model.config.vocab_size
     if ours is not None and ours != theirs:
@@ -51,6 +55,13 @@ def load_reference_model(path: str, like: nn.Module) -> nn.Module:
     logger.info("reference model loaded from %s", path)
     result: nn.Module = model
     return result
+
+
+def _from_pretrained(auto: Any, path: str, dtype: torch.dtype) -> Any:
+    try:
+        return auto.from_pretrained(path, dtype=dtype, local_files_only=local_files_only())
+    except OSError as err:  # missing weights, or a Hub id while offline
+        raise ConfigError(f"reference_model: cannot load a model from {path} ({str(err).splitlines()[0]})") from None
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from datasteer.ops.hub import local_files_only
 from datasteer.ops.losses import IGNORE_INDEX
 
 Target = tuple[list[int], list[int]]  # (prompt ids, reference answer ids)
@@ -129,7 +130,7 @@ class RewardModel:
         """
         from transformers import AutoModelForSequenceClassification
 
-        model: Any = AutoModelForSequenceClassification.from_pretrained(str(path), local_files_only=True)
+        model: Any = AutoModelForSequenceClassification.from_pretrained(str(path), local_files_only=local_files_only())
         model = model.to(device)
         if model.config.num_labels != 1:
             raise ValueError(f"reward model {path} has {model.config.num_labels} outputs; it needs exactly 1")

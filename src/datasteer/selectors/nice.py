@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -12,6 +11,7 @@ from torch import nn
 
 from datasteer.config import doc
 from datasteer.errors import ConfigError
+from datasteer.ops.hub import require_local
 from datasteer.ops.policy_gradient import Sampling, load_policy
 from datasteer.ops.rewards import ExactMatch, RewardFn, RewardModel, TokenF1, eos_ids
 from datasteer.registry import SELECTORS
@@ -73,8 +73,8 @@ class NiceParams(GradientFeatureParams):
             raise ConfigError("reward_model: give a directory exactly when reward is 'model'")
         for key in ("reward_model", "policy"):
             path = getattr(self, key)
-            if path is not None and not Path(path).is_dir():
-                raise ConfigError(f"{key}: {path!r} is not a local model directory")
+            if path is not None:
+                require_local(path, key)
         for key in ("mc_samples", "max_new_tokens"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
