@@ -533,6 +533,7 @@ def test_weights_are_one_during_warmup_then_the_weighters(test_algorithms: None)
             "weight_max": 4.0,
             "weight_ess": 7.5**2 / (1 + 4 + 16 + 0.25) / 4,  # (sum w)^2 / sum w^2, per sample
             "weight_domain_mean": {"a": 1.5, "c": 2.25},  # indices 1, 2 are a; 16, 23 are c
+            "nonfinite": 0,  # samples left out for a NaN or infinite loss
             "served": {"a": 4, "b": 2, "c": 2},  # includes the two warm-up steps, as for mix/select
         }
     ]

@@ -161,13 +161,21 @@ class SteeringController:
 
     def sample_weights(self, step: int, batch: TrainedBatch) -> torch.Tensor:
         """Loss weights of a micro-batch of step ``step``: the product of every weighting
-        stage's weights (1 where none weights)."""
+        stage's weights (1 where none weights).
+
+        A sample whose loss is not finite gets weight 0 (left out of the step's loss, so one
+        sample cannot turn it NaN), unless no sample of the micro-batch has a finite loss:
+        the loss then stays non-finite, for the run's divergence check.
+        """
         assert batch.losses is not None
         weights = torch.ones_like(batch.losses)
         for driver in self.drivers:
             w = driver.loss_weights(step, batch)
             if w is not None:
                 weights = weights * w.to(weights.device, weights.dtype)
+        finite = torch.isfinite(batch.losses.detach())
+        if bool(finite.any()):
+            weights = torch.where(finite, weights, torch.zeros_like(weights))
         return weights
 
     # -- records -------------------------------------------------------------------------

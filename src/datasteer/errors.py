@@ -19,3 +19,14 @@ class ConfigError(DatasteerError, ValueError):
 class SteeringStateError(DatasteerError, RuntimeError):
     """Steering state is inconsistent (e.g. a checkpoint from another run, or a plan that
     arrives after the data loader already drew the steps it was meant for)."""
+
+
+class NonFiniteInputError(DatasteerError, ArithmeticError):
+    """An algorithm had no finite number to decide from (every loss, reward or feature it
+    was given was NaN or infinite). The driver then keeps the previous decision (the
+    proportions or selection in force, weight 1) and logs a warning; it is not a crash."""
+
+
+class TrainingDivergedError(SteeringStateError):
+    """The training loss was non-finite for ``max_nonfinite_steps`` consecutive optimizer
+    steps; the run was stopped (the message names the step and the checkpoint to go back to)."""

@@ -273,6 +273,11 @@ class MixtureSampler(SteeringSampler):
         """Draw each domain's share from the selected pool indices from ``first_step`` on."""
         self._selections = self._registered(self._selections, first_step, _checked_selection(indices, self.pool_size))
 
+    def selection_at(self, step: int) -> np.ndarray | None:
+        """The selected pool indices in force at ``step`` (``None``: every domain drawn whole)."""
+        chosen: np.ndarray | None = self._in_force(self._selections, step)[1]
+        return chosen
+
     def _domain_members(self, first: int, chosen: np.ndarray | None) -> list[np.ndarray]:
         if chosen is None:
             return self.members

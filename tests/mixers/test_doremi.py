@@ -210,3 +210,15 @@ def test_resumed_proxy_run_continues_the_same_weights(tmp_path: Path) -> None:
     full = json.loads((tmp_path / "full" / "domain_weights.json").read_text())
     again = json.loads((tmp_path / "part" / "domain_weights.json").read_text())
     assert again["proportions"] == pytest.approx(full["proportions"], abs=1e-9)
+
+
+def test_a_step_whose_weights_would_not_be_finite_leaves_alpha_as_it_was(caplog: pytest.LogCaptureFixture) -> None:
+    m = mixer(eta=2.0, smoothing=0.1)
+    m.observe(stats([10, 20, 5], [5, 2, 1]))
+    alpha = m.loss_weights()
+    # an excess sum that overflowed, then a finite lambda whose eta * lambda is not
+    m.observe(stats([10, 20, 5], [math.inf, 2, 1], step=2))
+    m.observe(stats([1, 1, 1], [1e308, 0.0, 0.0], step=3))
+    assert torch.equal(m.loss_weights(), alpha) and m.steps_observed == 1
+    assert torch.equal(m.learned_proportions(), alpha)
+    assert caplog.text.count("give no finite domain weights") == 2

@@ -197,3 +197,35 @@ def test_exploration_schedule() -> None:
     floored = ODMMixer(ODMParams(min_exploration=0.2))
     assert floored.exploration(100, 3) == pytest.approx(0.2)
     assert ODMMixer(ODMParams(min_exploration=0.9)).exploration(100, 3) == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("estimator", ["full", "importance"])
+def test_a_domain_without_a_finite_reward_is_treated_as_not_trained(estimator: str) -> None:
+    """A NaN reward once became 0 (nan_to_num) and an infinite one made the proportions NaN."""
+    params = ODMParams(alpha=0.9, estimator=estimator)  # type: ignore[arg-type]
+    mixer = ODMMixer(params)
+    mixer.observe(stats(1, [0.4, 0.3, 0.3], [4, 3, 3], [8.0, 3.0, 6.0]))
+    before = mixer.estimates.clone()
+    # a: an overflowed loss sum; b: NaN; c: finite
+    mixer.observe(stats(2, [0.4, 0.3, 0.3], [4, 3, 3], [math.inf, math.nan, 6.0]))
+    reference = ODMMixer(params)
+    reference.observe(stats(1, [0.4, 0.3, 0.3], [4, 3, 3], [8.0, 3.0, 6.0]))
+    reference.observe(stats(2, [0.4, 0.3, 0.3], [0, 0, 3], [0.0, 0.0, 6.0]))  # as if only c trained
+    assert torch.equal(mixer.estimates, reference.estimates) and torch.equal(mixer.counts, reference.counts)
+    if estimator == "full":
+        assert mixer.estimates[:2].tolist() == before[:2].tolist()
+    proportions = mixer.update(mix_context(k=3, first_step=8))
+    assert torch.isfinite(proportions).all() and float(proportions.sum()) == pytest.approx(1.0)
+
+
+def test_a_step_without_any_finite_reward_changes_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    mixer = ODMMixer(ODMParams(estimator="importance"))
+    mixer.observe(stats(1, [0.4, 0.3, 0.3], [4, 3, 3], [8.0, 3.0, 6.0]))
+    state = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in mixer.state_dict().items()}
+    # finite losses whose importance estimates overflow: 1e300 / 1e-12
+    mixer.observe(stats(2, [1e-12, 0.5, 0.5], [1, 0, 0], [1e300, 0.0, 0.0]))
+    assert "no domain of step 2 has a finite reward" in caplog.text
+    assert all(
+        torch.equal(v, state[k]) if isinstance(v, torch.Tensor) else v == state[k]
+        for k, v in mixer.state_dict().items()
+    )

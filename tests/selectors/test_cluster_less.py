@@ -202,3 +202,40 @@ def test_bad_params(raw: dict, message: str) -> None:
     with pytest.raises(ConfigError) as err:
         parse_dataclass(ClusterLessParams, raw, "datasteer.params")
     assert message in str(err.value)
+
+
+def test_feature_rows_that_are_not_finite_are_left_out_of_the_cluster_scores() -> None:
+    from datasteer.errors import NonFiniteInputError
+
+    nan, inf = float("nan"), float("inf")
+    target = torch.tensor([[1.0, 0.0]])
+    grads = GRADS.clone()
+    grads[0] = torch.tensor([nan, 0.0])  # A's nearest representatives: 0 (NaN) and 2 (0, 1)
+    ops = FakeOps(embeddings=EMB, gradients=grads, targets=[FakeOps(gradients=target)])
+    sel = selector(pick="nearest", representatives=2, adam=False)
+    scores = sel.cluster_scores(select_context(ops=ops, num_samples=4))
+    torch.testing.assert_close(scores, torch.tensor([0.0, C22]), atol=1e-6, rtol=0)  # A: (0, 1) alone
+    assert sel.report() == {"nonfinite": 1}
+    grads[[1, 3]] = inf  # every representative of B
+    ops = FakeOps(embeddings=EMB, gradients=grads, targets=[FakeOps(gradients=target)])
+    scores = sel.cluster_scores(select_context(ops=ops, num_samples=4))
+    assert scores[1] == -inf and sel.report() == {"nonfinite": 3}  # B ranks last
+    grads[[2]] = inf
+    ops = FakeOps(embeddings=EMB, gradients=grads, targets=[FakeOps(gradients=target)])
+    with pytest.raises(NonFiniteInputError, match="no finite gradient feature"):
+        sel.select(select_context(ops=ops, num_samples=4))
+
+
+def test_a_pool_embedding_that_is_not_finite_forms_a_cluster_that_ranks_last() -> None:
+    emb = EMB.clone()
+    emb[5] = float("nan")
+    ops = FakeOps(embeddings=emb, gradients=GRADS, targets=[FakeOps(gradients=torch.tensor([[0.0, -1.0]]))])
+    sel = selector(pick="nearest", representatives=2, adam=False)
+    chosen = sel.select(select_context(ops=ops, num_samples=6))
+    assert sel.labels is not None and sel.left_out == 2 and sel.labels.tolist() == [0, 1, 0, 1, 0, 2]
+    assert int(chosen[-1]) == 5  # its own cluster, ranked after every scored one
+    (call,) = ops.calls_to("gradient_features")
+    assert 5 not in call.indices and sel.report() == {"nonfinite": 1}
+    again = selector(pick="nearest", representatives=2, adam=False)
+    again.load_state_dict(sel.state_dict())
+    assert again.left_out == 2 and torch.equal(again.labels, sel.labels)

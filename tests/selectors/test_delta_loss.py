@@ -94,3 +94,30 @@ def test_a_window_cut_partly_by_negative_deltas_slides_back_whole() -> None:
     assert window_bounds(deltas, 0.5, params) == (20, 50)
     assert window_bounds(deltas, 0.0, params) == (0, 30)  # not cut: unchanged
     assert window_bounds(-deltas.abs(), 0.5, params) == (0, 0)  # no positive delta: empty
+
+
+def test_non_finite_deltas_are_left_out_not_ranked() -> None:
+    """A NaN delta was ranked last (outside_mass); an infinite L0 made its sample the largest drop."""
+    selector = DeltaLossSelector(DeltaLossParams(window_size=0.5, outside_mass=0.1))
+    nan, inf = float("nan"), float("inf")
+    deltas = torch.tensor([nan, 5.0, inf, 2.0, 4.0, 1.0])
+    # the window is half of the 4 finite deltas, the largest: 5.0 and 4.0
+    assert selector.weights(deltas, 0.0).tolist() == [0.0, 1.0, 0.0, 0.1, 1.0, 0.1]
+
+
+def test_updates_without_finite_losses_record_nothing_and_keep_the_selection() -> None:
+    from datasteer.errors import NonFiniteInputError
+
+    nan = float("nan")
+    initial = torch.tensor([5.0, 5.0, nan, 5.0])
+    ops = FakeOps(losses=[torch.full((4,), nan), initial, torch.tensor([4.0, 3.0, 1.0, nan]), torch.full((4,), nan)])
+    selector = DeltaLossSelector(DeltaLossParams(window_size=0.5, outside_mass=0.0))
+    with pytest.raises(NonFiniteInputError, match="L0 is not recorded"):
+        selector.select(select_context(ops=ops, num_samples=2, update=0, total_updates=4))
+    assert selector.initial_losses is None and selector.report() == {"nonfinite": 4}
+    selector.select(select_context(ops=ops, num_samples=2, update=1, total_updates=4))  # records L0
+    assert selector.report() == {"nonfinite": 1}
+    chosen = selector.select(select_context(ops=ops, num_samples=1, update=2, total_updates=4))
+    assert chosen.tolist() == [1] and selector.report() == {"nonfinite": 2}  # deltas 1, 2 (NaN 2, 3 left out)
+    with pytest.raises(NonFiniteInputError, match="none of the 4 loss drops is finite"):
+        selector.select(select_context(ops=ops, num_samples=1, update=3, total_updates=4))

@@ -65,3 +65,23 @@ def test_bad_params(raw: dict, message: str) -> None:
     with pytest.raises(ConfigError) as err:
         parse_dataclass(LessParams, raw, "datasteer.params")
     assert message in str(err.value)
+
+
+def test_feature_rows_that_are_not_finite_are_left_out_of_the_scoring() -> None:
+    from datasteer.errors import NonFiniteInputError
+
+    nan, inf = float("nan"), float("inf")
+    pool = POOL.clone()
+    pool[[2, 7]] = torch.tensor([nan, inf, 0.0, 0.0, 0.0])  # e.g. the gradient of an overflowed loss
+    targets = torch.randn(3, 5, generator=torch_generator(2, "targets"))
+    broken = torch.cat([targets, torch.full((1, 5), nan)])  # a NaN target would make every score NaN
+    ops = FakeOps(gradients=pool, targets=[FakeOps(gradients=broken)], optimizer=live_optimizer())
+    selector = LessSelector(LessParams())
+    chosen = selector.select(select_context(ops=ops, num_samples=12))
+    scores = direct_scores(targets)
+    scores[[2, 7]] = -float("inf")
+    assert chosen.tolist() == torch.topk(scores, 10).indices.tolist()  # only the 10 finite rows
+    assert selector.report() == {"nonfinite": 3}
+    nothing = FakeOps(gradients=torch.full((12, 5), inf), targets=[FakeOps(gradients=targets)])
+    with pytest.raises(NonFiniteInputError, match="no finite gradient feature"):
+        LessSelector(LessParams(adam=False)).select(select_context(ops=nothing, num_samples=3))

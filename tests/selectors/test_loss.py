@@ -84,3 +84,15 @@ def test_bad_params(raw: dict, message: str) -> None:
     with pytest.raises(ConfigError) as err:
         parse_dataclass(LossSelectParams, raw, "datasteer.params")
     assert message in str(err.value)
+
+
+def test_non_finite_losses_are_counted_and_none_finite_keeps_the_selection() -> None:
+    from datasteer.errors import NonFiniteInputError
+
+    selector = LossSelector(LossSelectParams())
+    nan = float("nan")
+    selector.select(select_context(ops=FakeOps(losses=torch.tensor([1.0, nan, 2.0, float("inf")])), num_samples=2))
+    assert selector.report() == {"nonfinite": 2}
+    with pytest.raises(NonFiniteInputError, match="none of the 3 candidates has a finite loss"):
+        selector.select(select_context(ops=FakeOps(losses=torch.full((3,), nan)), num_samples=2))
+    assert selector.report() == {"nonfinite": 3}

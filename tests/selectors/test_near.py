@@ -80,3 +80,22 @@ def test_a_saved_state_does_not_move_with_later_updates() -> None:
 def test_bad_params() -> None:
     with pytest.raises(ConfigError, match="neighbours: must be >= 1"):
         parse_dataclass(NearParams, {"neighbours": 0}, "datasteer.params")
+
+
+def test_embeddings_that_are_not_finite_are_left_out_of_the_lists() -> None:
+    from datasteer.errors import NonFiniteInputError
+
+    nan = float("nan")
+    pool = POOL.clone()
+    pool[1] = torch.tensor([nan, 0.0])
+    targets = torch.cat([TARGETS, torch.tensor([[float("inf"), 1.0]])])
+    ops = FakeOps(embeddings=pool, targets=[FakeOps(embeddings=targets)])
+    near = NearSelector(NearParams(neighbours=3))
+    # lists without sample 1: [0, 2, 6] and [3, 4, 7]; the infinite target has none
+    assert near.select(select_context(ops=ops, num_samples=6, update=0)).tolist() == [0, 3, 2, 4, 6, 7]
+    assert near.report() == {"nonfinite": 2}
+    near.select(select_context(ops=ops, num_samples=1, update=1))
+    assert near.report() == {"nonfinite": 0}  # the lists were not rebuilt
+    nothing = FakeOps(embeddings=torch.full((8, 2), nan), targets=[FakeOps(embeddings=TARGETS)])
+    with pytest.raises(NonFiniteInputError, match="no finite embedding"):
+        NearSelector(NearParams()).select(select_context(ops=nothing, num_samples=2))

@@ -69,14 +69,14 @@ def test_targets_without_signal_are_counted_and_warned_about(fallback: bool, cap
     assert selector.report() == {}
     with caplog.at_level("WARNING", logger="datasteer.selectors.nice"):
         selector.select(select_context(ops=fake_ops(a, torch.zeros(2, 5)), num_samples=4))
-    assert selector.report() == {"targets": 5, "targets_without_signal": 3}
+    assert selector.report() == {"targets": 5, "targets_without_signal": 3, "nonfinite": 0}
     (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert warning.startswith("nice: 3 of 5 targets got the same reward for all 8 sampled responses")
     assert ("reference answers stand in" in warning) is fallback
     caplog.clear()
     with caplog.at_level("WARNING", logger="datasteer.selectors.nice"):
         selector.select(select_context(ops=fake_ops(torch.ones(2, 5)), num_samples=4, update=1))
-    assert selector.report() == {"targets": 2, "targets_without_signal": 0} and not caplog.records
+    assert selector.report() == {"targets": 2, "targets_without_signal": 0, "nonfinite": 0} and not caplog.records
 
 
 def test_subsets_of_candidates_and_targets_are_fresh_per_update() -> None:
@@ -201,3 +201,12 @@ def test_local_policy_and_reward_model_are_loaded_and_checked(tmp_path: Path) ->
         NiceSelector(NiceParams(**params, reward="model", reward_model=str(tmp_path / "rm"))).select(
             select_context(ops=ops, num_samples=3, pool_size=6)
         )
+
+
+def test_feature_rows_that_are_not_finite_are_left_out_of_the_scoring() -> None:
+    a = torch.randn(3, 5, generator=torch_generator(2, "a"))
+    broken = torch.cat([a, torch.tensor([[float("inf")] * 5])])  # was kept as a target with signal: all NaN
+    selector = NiceSelector(NiceParams())
+    chosen = selector.select(select_context(ops=fake_ops(broken), num_samples=4))
+    assert chosen.tolist() == torch.topk(mean_cosine(a), 4).indices.tolist()
+    assert selector.report()["nonfinite"] == 1

@@ -20,7 +20,7 @@ LOSSES = torch.ones(3)  # unread: the weights depend on the embeddings only
 def refreshed(**params: object) -> AdaptWeighter:
     weighter = AdaptWeighter(AdaptParams(**params))  # type: ignore[arg-type]
     ops = FakeOps(targets=[FakeOps(embeddings=ANCHORS)])
-    assert weighter.refresh(ops) == {"anchors": 2}
+    assert weighter.refresh(ops) == {"anchors": 2, "nonfinite": 0}
     (call,) = ops.targets[0].calls_to("embeddings")
     assert call.options == {"layer": -1, "pooling": "weighted", "normalize": True}
     return weighter
@@ -72,3 +72,24 @@ def test_state_round_trip_keeps_the_anchors() -> None:
 def test_bad_params(bad: dict) -> None:
     with pytest.raises(ConfigError, match=next(iter(bad))):
         AdaptParams(**bad)  # type: ignore[arg-type]
+
+
+def test_anchor_embeddings_that_are_not_finite_are_left_out() -> None:
+    weighter = AdaptWeighter(AdaptParams(tau=0.5))
+    nan = float("nan")
+    ops = FakeOps(targets=[FakeOps(embeddings=torch.cat([ANCHORS, torch.tensor([[nan, 1.0], [float("inf"), 0.0]])]))])
+    assert weighter.refresh(ops) == {"anchors": 2, "nonfinite": 2}
+    torch.testing.assert_close(
+        weighter.weigh(weight_context(LOSSES, embeddings=BATCH)),
+        refreshed(tau=0.5).weigh(weight_context(LOSSES, embeddings=BATCH)),
+    )
+    # a refresh without one finite anchor keeps the anchors in force
+    broken = FakeOps(targets=[FakeOps(embeddings=torch.full((2, 2), nan))])
+    assert weighter.refresh(broken) == {"anchors": 2, "nonfinite": 2}
+    assert torch.isfinite(weighter.weigh(weight_context(LOSSES, embeddings=BATCH))).all()
+
+
+def test_without_any_finite_anchor_every_weight_is_one() -> None:
+    weighter = AdaptWeighter(AdaptParams())
+    weighter.refresh(FakeOps(targets=[FakeOps(embeddings=torch.full((2, 2), float("nan")))]))
+    assert weighter.weigh(weight_context(LOSSES, embeddings=BATCH)).tolist() == [1.0, 1.0, 1.0]

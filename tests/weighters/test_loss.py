@@ -73,3 +73,12 @@ def test_bad_params(bad: dict) -> None:
 
     with pytest.raises(ConfigError, match=next(iter(bad))):
         LossWeightParams(**bad)
+
+
+def test_huge_finite_losses_and_a_tiny_temperature_keep_the_weights_finite() -> None:
+    """2 l - (max + min) overflowed for losses near the float64 limit; f(n) / r overflowed for a tiny r."""
+    huge = torch.tensor([1e308, 1.7e308, 0.0], dtype=torch.float64)
+    scores = LossWeighter(LossWeightParams(strategy="uniform")).scores(huge)
+    assert torch.isfinite(scores).all() and scores[2] == -1.0 and scores[1] == 1.0
+    w = LossWeighter(LossWeightParams(temperature=1e-320)).weigh(weight_context(LOSSES))
+    assert torch.isfinite(w).all() and float(w.sum()) == pytest.approx(len(LOSSES))

@@ -52,3 +52,9 @@ def test_params_and_plan() -> None:
                 "weight": {"algorithm": "reducible", "params": {"reference_model": "a"}},
             }
         )
+
+
+def test_a_tiny_temperature_keeps_the_weights_finite() -> None:
+    weighter = ReducibleLossWeighter(ReducibleParams(reference_model="ref", temperature=1e-320))
+    w = weighter.weigh(weight_context(torch.tensor([3.0, 4.0, 6.0]), reference_losses=torch.tensor([2.5, 1.0, 6.0])))
+    assert w.tolist() == [0.0, 3.0, 0.0]  # the limit: all weight on the largest reducible loss

@@ -4,10 +4,17 @@ Initial proportions from step 1; each update replaces them from its first step. 
 that :class:`~datasteer.mixers.base.ObservesSteps` gets each step's per-domain statistics
 (summed over micro-batches and ranks) before any update; one that
 :class:`~datasteer.mixers.base.ShapesDomainLoss` weights the training loss per domain.
+
+A trained sample whose loss, token count or excess loss is not finite is left out of the
+statistics and counted (``nonfinite`` in the next update's record). A step without one
+finite sample is not observed at all; an update that follows only such steps keeps the
+proportions in force (so does one whose mixer raises
+:class:`~datasteer.errors.NonFiniteInputError`), with a warning and ``kept: true``.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -17,7 +24,7 @@ import torch
 from datasteer import dist
 from datasteer.capabilities import ComparesToReference
 from datasteer.drivers.base import Driver, OpsFactory, TrainedBatch
-from datasteer.errors import SteeringStateError
+from datasteer.errors import NonFiniteInputError, SteeringStateError
 from datasteer.mixers.base import (
     SUM_TOLERANCE,
     DomainStats,
@@ -28,6 +35,8 @@ from datasteer.mixers.base import (
 )
 from datasteer.rng import torch_generator
 from datasteer.samplers import MixtureSampler
+
+logger = logging.getLogger(__name__)
 
 
 def _numpy(values: torch.Tensor) -> np.ndarray:
@@ -41,8 +50,11 @@ class MixDriver(Driver[Mixer]):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # samples, loss sum, tokens, token-loss sum, excess-loss sum per domain, of the current step
-        self._step_stats = np.zeros((5, self.run.num_domains), dtype=np.float64)
+        # samples, loss sum, tokens, token-loss sum, excess-loss sum and samples left out
+        # (non-finite) per domain, of the current step
+        self._step_stats = np.zeros((6, self.run.num_domains), dtype=np.float64)
+        self._nonfinite = 0  # samples left out since the last update's record
+        self._observed = 0  # steps observed (with a finite sample) since the last update
 
     @property
     def sampler(self) -> MixtureSampler:
@@ -84,7 +96,17 @@ class MixDriver(Driver[Mixer]):
 
     def decide(self, step: int, ops: OpsFactory) -> list[dict[str, Any]]:
         if isinstance(self.algorithm, ObservesSteps) and step > 0:
-            self.algorithm.observe(self._domain_stats(step))
+            stats, left_out = self._domain_stats(step)
+            self._nonfinite += left_out
+            if stats.samples.sum() > 0:
+                self.algorithm.observe(stats)
+                self._observed += 1
+            elif left_out:
+                logger.warning(
+                    "%s: every loss of step %d is NaN or infinite; the step is left out of its statistics",
+                    self.stage.algorithm,
+                    step,
+                )
         if not self.algorithm.adaptive:
             return []
         return [self._update(u, step, ops) for u in self.schedule.updates_decided_at(step, self.run.max_steps)]
@@ -94,17 +116,39 @@ class MixDriver(Driver[Mixer]):
         last = self.schedule.last_step(update, self.run.max_steps)
         ctx = self._context(update, step, first, last, ops)
         started = time.perf_counter()
-        props = dist.broadcast_object(self._check(self.algorithm.update(ctx)))
+        observes = isinstance(self.algorithm, ObservesSteps)
+        kept = observes and self._observed == 0 and self._nonfinite > 0
+        if not kept:
+            try:
+                props = self._check(self.algorithm.update(ctx))
+            except NonFiniteInputError as err:
+                logger.warning("%s: %s", self.stage.algorithm, err)
+                kept = True
+        if kept:  # no finite input since the last update: the proportions in force stand
+            props = ctx.proportions.numpy()
+            logger.warning(
+                "%s: update %d has no finite loss to learn from (%d samples left out); the proportions in force "
+                "are kept",
+                self.stage.algorithm,
+                update,
+                self._nonfinite,
+            )
+        props = dist.broadcast_object(props)
         self.sampler.add_plan(first, props)
         seconds = round(time.perf_counter() - started, 6)
-        return {
+        record: dict[str, Any] = {
             "step": step,
             "update": update,
             "first_step": first,
             "last_step": last,
             **self._payload(props),
-            "seconds": seconds,
         }
+        if observes:
+            record["nonfinite"] = self._nonfinite
+        if kept:
+            record["kept"] = True
+        self._nonfinite = self._observed = 0
+        return {**record, "seconds": seconds}
 
     def _context(self, update: int, step: int, first: int, last: int, ops: OpsFactory) -> MixContext:
         run = self.run
@@ -132,23 +176,29 @@ class MixDriver(Driver[Mixer]):
     def observe(self, batch: TrainedBatch) -> None:
         if batch.losses is None or batch.tokens is None or not self.needs_sample_losses:
             return
-        k, ids = self.run.num_domains, batch.domains
+        k = self.run.num_domains
         loss, count = _numpy(batch.losses), _numpy(batch.tokens)
-        excess = np.bincount(ids, weights=_numpy(batch.excess), minlength=k) if batch.excess is not None else 0.0
+        excess = _numpy(batch.excess) if batch.excess is not None else np.zeros_like(loss)
+        # A non-finite number is left out, not zeroed: the sample is counted apart instead.
+        finite = np.isfinite(loss) & np.isfinite(count) & np.isfinite(excess) & np.isfinite(loss * count)
+        ids = batch.domains[finite]
+        loss, count, excess = loss[finite], count[finite], excess[finite]
         self._step_stats += np.stack(
             [
                 np.bincount(ids, minlength=k),
                 np.bincount(ids, weights=loss, minlength=k),
                 np.bincount(ids, weights=count, minlength=k),
                 np.bincount(ids, weights=loss * count, minlength=k),
-                np.broadcast_to(excess, (k,)),
+                np.bincount(ids, weights=excess, minlength=k),
+                np.bincount(batch.domains[~finite], minlength=k),
             ]
         )
 
-    def _domain_stats(self, step: int) -> DomainStats:
+    def _domain_stats(self, step: int) -> tuple[DomainStats, int]:
+        """The step's statistics over every micro-batch and rank, and how many samples were left out."""
         total = dist.all_reduce(torch.from_numpy(self._step_stats.copy()))
         self._step_stats[:] = 0
-        return DomainStats(
+        stats = DomainStats(
             step=step,
             proportions=torch.from_numpy(self.sampler.plan_at(step)[1]).clone(),
             samples=total[0],
@@ -157,6 +207,7 @@ class MixDriver(Driver[Mixer]):
             token_loss_sum=total[3],
             excess_sum=total[4] if self.reference_model() is not None else None,
         )
+        return stats, int(total[5].sum())
 
     def loss_weights(self, step: int, batch: TrainedBatch) -> torch.Tensor | None:
         """``w_i = alpha_d * B / n_d`` for a sample of domain d, ``n_d`` the step's domain-d samples
@@ -168,6 +219,7 @@ class MixDriver(Driver[Mixer]):
             raise SteeringStateError(f"{self.stage.algorithm} returned invalid loss weights {alpha}")
         counts = torch.from_numpy(self.sampler.domain_counts(step)).double()
         per_domain = torch.where(counts > 0, alpha.double() * self.run.global_batch / counts.clamp_min(1), 0.0)
+        # (a sample whose loss is not finite gets weight 0 from the controller)
         return per_domain[torch.from_numpy(batch.domains)]
 
     # -- records ---------------------------------------------------------------------------

@@ -8,12 +8,17 @@ samples (renumbered ``0..n_d - 1``, with model operations bound to them) and is 
 proportions known when the selection is made (the sum of each step's systematic counts).
 The mixture then draws each domain's share of a step from its selected samples. Stateful
 selectors keep one state per domain (a copy of the built algorithm per domain).
+
+A selector that finds no finite score to select by raises
+:class:`~datasteer.errors.NonFiniteInputError`; the selection in force then stands (for
+that domain, under a mixer), with a warning and ``kept: true`` in the record.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 import time
 from typing import Any
 
@@ -22,11 +27,13 @@ import torch
 
 from datasteer import dist
 from datasteer.drivers.base import Driver, OpsFactory
-from datasteer.errors import SteeringStateError
+from datasteer.errors import NonFiniteInputError, SteeringStateError
 from datasteer.ops.protocol import ModelOperations
 from datasteer.rng import torch_generator
 from datasteer.samplers import MixtureSampler
 from datasteer.selectors.base import SelectContext, Selector
+
+logger = logging.getLogger(__name__)
 
 
 def digest(indices: np.ndarray) -> str:
@@ -46,6 +53,8 @@ class SelectDriver(Driver[Selector]):
         # One selector per domain under a mixer (their states differ); the built one serves domain 0.
         count = self.run.num_domains if self.within_domains else 1
         self.selectors = [self.algorithm, *(copy.deepcopy(self.algorithm) for _ in range(count - 1))]
+        self._ran: list[Selector] = []  # the selectors that ran in the current update
+        self._kept = False  # whether a selection in force was kept in the current update
 
     def decide(self, step: int, ops: OpsFactory) -> list[dict[str, Any]]:
         return [self._update(u, step, ops) for u in self.schedule.updates_decided_at(step, self.run.max_steps)]
@@ -56,6 +65,8 @@ class SelectDriver(Driver[Selector]):
         model_ops = self.model_ops(self.algorithm.needs_model, ops)
         started = time.perf_counter()
         payload: dict[str, Any] = {}
+        self._ran = []
+        self._kept = False
         if self.within_domains:
             chosen, quotas = self._select_within_domains(update, step, first, last, model_ops)
             payload["quotas"] = dict(zip(self.run.domain_names, (int(q) for q in quotas), strict=True))
@@ -72,13 +83,17 @@ class SelectDriver(Driver[Selector]):
                 model_ops,
                 torch_generator(self.run.seed, "select", update),
             )
-            chosen = self._check(self.algorithm.select(ctx), len(pool))
+            picked = self._run(self.algorithm, ctx, len(pool))
+            chosen = picked if picked is not None else self._in_force(first)
         chosen = dist.broadcast_object(chosen)
         assert self.run.sampler is not None
-        self.run.sampler.add_selection(first, chosen)
+        if chosen is not None:
+            self.run.sampler.add_selection(first, chosen)
+        else:  # nothing to select by, and no selection yet: the whole pool stays in force
+            chosen = np.arange(len(self.run.domains))
         counts = np.bincount(self.run.domains[chosen], minlength=self.run.num_domains)
         reports: dict[str, int | float] = {}
-        for selector in self.selectors:
+        for selector in self._ran:  # selectors that did not run this update would repeat old numbers
             for key, value in selector.report().items():
                 reports[key] = reports.get(key, 0) + value
         record = {
@@ -92,16 +107,38 @@ class SelectDriver(Driver[Selector]):
             "domain_counts": dict(zip(self.run.domain_names, (int(c) for c in counts), strict=True)),
             **payload,
             **reports,
+            **({"kept": True} if self._kept else {}),
             "seconds": round(time.perf_counter() - started, 6),
         }
         return record
 
+    def _run(self, selector: Selector, ctx: SelectContext, pool_size: int) -> np.ndarray | None:
+        """The selector's checked indices, or ``None`` when it had no finite score to select by."""
+        self._ran.append(selector)
+        try:
+            return self._check(selector.select(ctx), pool_size)
+        except NonFiniteInputError as err:
+            where = f" (domain {ctx.domain_names[int(ctx.domains[0])]})" if self.within_domains else ""
+            logger.warning("%s%s: %s; the selection in force is kept", self.stage.algorithm, where, err)
+            self._kept = True
+            return None
+
+    def _in_force(self, first: int) -> np.ndarray | None:
+        """The selection in force at step ``first`` before this update (``None``: the whole pool)."""
+        sampler = self.run.sampler
+        if isinstance(sampler, MixtureSampler):
+            return sampler.selection_at(first)
+        assert sampler is not None
+        plan: np.ndarray | None = sampler.plan_at(first)[1]
+        return plan
+
     def _select_within_domains(
         self, update: int, step: int, first: int, last: int, ops: ModelOperations
-    ) -> tuple[np.ndarray, np.ndarray]:
+    ) -> tuple[np.ndarray | None, np.ndarray]:
         sampler = self.run.sampler
         assert isinstance(sampler, MixtureSampler)
         quotas = sum((sampler.domain_counts(s) for s in range(first, last + 1)), np.zeros(self.run.num_domains, int))
+        previous = self._in_force(first)
         parts = []
         for d, (members, selector) in enumerate(zip(self.members, self.selectors, strict=True)):
             if quotas[d] == 0 or len(members) == 0:
@@ -118,8 +155,14 @@ class SelectDriver(Driver[Selector]):
                 domain_ops,
                 torch_generator(self.run.seed, "select", update, d),
             )
-            parts.append(members[self._check(selector.select(ctx), len(members))])
-        return np.concatenate(parts), quotas
+            picked = self._run(selector, ctx, len(members))
+            if picked is not None:
+                parts.append(members[picked])
+            elif previous is not None:  # domain d's part of the selection in force
+                parts.append(previous[self.run.domains[previous] == d])
+        # No part at all: nothing selected of any domain, so every domain is drawn whole.
+        chosen = np.concatenate(parts) if parts and sum(len(p) for p in parts) else None
+        return chosen, quotas
 
     def _context(
         self,

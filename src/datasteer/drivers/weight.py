@@ -7,10 +7,16 @@ batch. After each optimizer step the statistics of that step's weights (mean, mi
 effective sample size, mean per domain) become one record. A weighter that refreshes from
 the model (e.g. ADAPT's anchors) does so at train begin and every ``refresh_every`` steps,
 each refresh a record of its own.
+
+A sample whose loss (or reference loss, or embedding) is not finite is left out: the
+weighter weighs the other samples, the left-out one gets weight 0, and the step's record
+counts it (``nonfinite``). A micro-batch without one finite sample trains with weight 1
+(its loss stays non-finite, for the run's divergence check), with a warning.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -21,9 +27,12 @@ from datasteer import dist
 from datasteer.capabilities import ComparesToReference
 from datasteer.drivers.base import Driver, OpsFactory, TrainedBatch
 from datasteer.errors import SteeringStateError
+from datasteer.finite import finite_rows
 from datasteer.ops.embeddings import Pooling
 from datasteer.rng import torch_generator
 from datasteer.weighters.base import RefreshesFromModel, UsesBatchEmbeddings, WeightContext, Weighter
+
+logger = logging.getLogger(__name__)
 
 
 class WeightDriver(Driver[Weighter]):
@@ -42,6 +51,7 @@ class WeightDriver(Driver[Weighter]):
         self._domain_sum, self._domain_count = np.zeros(k), np.zeros(k)
         self._seconds = 0.0
         self._micro = 0
+        self._nonfinite = 0
 
     @classmethod
     def uses_sample_losses(cls, algorithm: Any) -> bool:
@@ -80,24 +90,38 @@ class WeightDriver(Driver[Weighter]):
         reference = rows[:, 2].float() if self.reference_model() is not None else None
         embeddings = rows[:, 2 + (reference is not None) :].float() if self.embedding_layer() is not None else None
         domains = torch.from_numpy(self.run.domains[indices.numpy()])
-        ctx = WeightContext(
-            step=step,
-            max_steps=self.run.max_steps,
-            losses=losses,
-            indices=indices,
-            domains=domains,
-            generator=torch_generator(self.run.seed, "weight", step, self._micro),
-            embeddings=embeddings,
-            reference_losses=reference,
-            domain_names=self.run.domain_names,
-        )
+        # Every column the weighter reads must be finite for a sample to be weighed.
+        finite = finite_rows(rows[:, 0]) & finite_rows(rows[:, 2:])
+        generator = torch_generator(self.run.seed, "weight", step, self._micro)
         self._micro += 1
-        weights = torch.as_tensor(self.algorithm.weigh(ctx)).detach().double().cpu()
-        if weights.shape != losses.shape or not torch.isfinite(weights).all() or (weights < 0).any():
-            raise SteeringStateError(
-                f"{self.stage.algorithm} returned invalid weights (shape {tuple(weights.shape)}, "
-                f"expected {tuple(losses.shape)}, finite and >= 0)"
+        self._nonfinite += int((~finite).sum())
+        if not finite.any():
+            logger.warning(
+                "%s: every loss of a micro-batch of step %d is NaN or infinite; it trains with weight 1",
+                self.stage.algorithm,
+                step,
             )
+            weights = torch.ones(len(losses), dtype=torch.float64)
+        else:
+            ctx = WeightContext(
+                step=step,
+                max_steps=self.run.max_steps,
+                losses=losses[finite],
+                indices=indices[finite],
+                domains=domains[finite],
+                generator=generator,
+                embeddings=embeddings[finite] if embeddings is not None else None,
+                reference_losses=reference[finite] if reference is not None else None,
+                domain_names=self.run.domain_names,
+            )
+            weighed = torch.as_tensor(self.algorithm.weigh(ctx)).detach().double().cpu()
+            if weighed.shape != ctx.losses.shape or not torch.isfinite(weighed).all() or (weighed < 0).any():
+                raise SteeringStateError(
+                    f"{self.stage.algorithm} returned invalid weights (shape {tuple(weighed.shape)}, "
+                    f"expected {tuple(ctx.losses.shape)}, finite and >= 0)"
+                )
+            weights = torch.zeros(len(losses), dtype=torch.float64)
+            weights[finite] = weighed
         self._note(weights, domains.numpy())
         self._seconds += time.perf_counter() - started
         return weights[mine]
@@ -129,6 +153,7 @@ class WeightDriver(Driver[Weighter]):
                     # Kish's effective sample size over the step, as a fraction of its samples
                     "weight_ess": (self._sum**2 / self._squares / self._count) if self._squares > 0 else 0.0,
                     "weight_domain_mean": per_domain,
+                    "nonfinite": self._nonfinite,
                     "seconds": round(self._seconds, 6),
                 }
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,8 @@ from datasteer.mixers.base import (
     check_proportions,
 )
 from datasteer.registry import MIXERS
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -72,6 +75,10 @@ class DoReMiMixer(Mixer, ObservesSteps, ComparesToReference, ShapesDomainLoss):
     averages per-sample token-mean losses (the paper's per-token mean; the two agree on
     packed pre-training rows, where every sample has the same number of tokens). The output
     is ``mean_t alpha_t``.
+
+    A step whose excess losses or updated weights are not finite (the driver has already
+    left out every sample with a non-finite loss) leaves ``alpha`` as it was and is not
+    counted in the mean.
     """
 
     Params = DoReMiParams
@@ -116,8 +123,15 @@ class DoReMiMixer(Mixer, ObservesSteps, ComparesToReference, ShapesDomainLoss):
         excess = torch.where(tokens > 0, stats.excess_sum.double() / tokens.clamp_min(1), 0.0)
         # Normalise in log space: exp(eta * lambda) cannot overflow this way.
         logits = alpha.log() + p.eta * excess
-        updated = torch.softmax(logits, dim=0)
-        self.alpha = (1 - p.smoothing) * updated + p.smoothing / k
+        updated = (1 - p.smoothing) * torch.softmax(logits, dim=0) + p.smoothing / k
+        if not bool(torch.isfinite(excess).all() and torch.isfinite(updated).all()):
+            logger.warning(
+                "doremi: step %d's excess losses %s give no finite domain weights; alpha is left as it was",
+                stats.step,
+                excess.tolist(),
+            )
+            return
+        self.alpha = updated
         assert self.alpha_sum is not None
         self.alpha_sum = self.alpha_sum + self.alpha
         self.excess = excess

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -9,9 +10,11 @@ from typing import Any, Literal
 import torch
 
 from datasteer.config import doc
-from datasteer.errors import ConfigError, SteeringStateError
+from datasteer.errors import ConfigError, NonFiniteInputError, SteeringStateError
 from datasteer.mixers.base import DomainStats, MixContext, Mixer, ObservesSteps
 from datasteer.registry import MIXERS
+
+logger = logging.getLogger(__name__)
 
 Estimator = Literal["full", "importance"]
 
@@ -75,6 +78,10 @@ class ODMMixer(Mixer, ObservesSteps):
       keeps the estimate unbiased) and ``pi = (1 - K eps_t) softmax(eps_{t-1} R) + eps_t``.
       With mixed batches the smoothed ``R`` stays bounded while ``eps_{t-1}`` shrinks, so
       the proportions drift back to uniform: use ``full`` for mixed batches.
+
+    A domain whose reward (or importance estimate) is not finite in a step is treated as
+    not trained in it: its estimate is left as it was (the driver has already left out
+    every sample with a non-finite loss).
     """
 
     Params = ODMParams
@@ -97,10 +104,25 @@ class ODMMixer(Mixer, ObservesSteps):
             start = -math.inf if p.estimator == "full" else 0.0
             self.estimates = torch.full((k,), start, dtype=torch.float64)
             self.counts = torch.zeros(k, dtype=torch.int64)
-        present = stats.samples > 0
-        reward = p.reward_scale * torch.nan_to_num(stats.mean_sample_loss().double(), nan=0.0)
+        reward = p.reward_scale * stats.mean_sample_loss().double()  # NaN for a domain absent from the step
         if p.reward_clip is not None:
             reward = reward.clamp(p.reward_clip[0], p.reward_clip[1])
+        present = (stats.samples > 0) & torch.isfinite(reward)
+        while True:  # (a domain left out changes the others' shares: until no estimate overflows)
+            trained = torch.where(present, stats.samples.double(), 0.0)
+            share = trained / trained.sum().clamp_min(1)
+            weighted = share * reward / stats.proportions.double().clamp_min(1e-12)
+            finite = present & torch.isfinite(weighted) if p.estimator == "importance" else present
+            if torch.equal(finite, present):
+                break
+            present = finite
+        if not bool(present.any()):
+            logger.warning(
+                "odm: no domain of step %d has a finite reward; its estimates are left as they were", stats.step
+            )
+            return
+        # Absent (or non-finite) domains are masked out below; 0 keeps NaN out of the arithmetic.
+        reward = torch.where(present, reward, 0.0)
         if p.estimator == "full":
             # log(alpha R + (1 - alpha) exp(r)), for the domains trained in this step only
             if p.alpha > 0:
@@ -109,8 +131,7 @@ class ODMMixer(Mixer, ObservesSteps):
                 mixed = reward
             self.estimates = torch.where(present, mixed, self.estimates)
         else:
-            share = stats.samples.double() / stats.samples.sum().clamp_min(1).double()
-            weighted = torch.where(present, share * reward / stats.proportions.double().clamp_min(1e-12), 0.0)
+            weighted = torch.where(present, weighted, 0.0)
             self.estimates = p.alpha * self.estimates + (1 - p.alpha) * weighted
         self.counts = self.counts + present.long()
         self.steps_observed += 1
@@ -140,7 +161,10 @@ class ODMMixer(Mixer, ObservesSteps):
             return torch.full((k,), 1.0 / k, dtype=torch.float64)
         if self.params.estimator == "importance":
             scores = self.exploration(t - 1, k) * scores
-        return (1 - k * eps) * torch.softmax(scores, dim=0) + eps
+        proportions = (1 - k * eps) * torch.softmax(scores, dim=0) + eps
+        if not bool(torch.isfinite(proportions).all()):
+            raise NonFiniteInputError(f"the reward estimates {scores.tolist()} give no finite proportions")
+        return proportions
 
     def report(self) -> dict[str, torch.Tensor | float]:
         scores = self.scores()

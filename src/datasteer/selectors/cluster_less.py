@@ -11,12 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from datasteer.config import doc
-from datasteer.errors import ConfigError
+from datasteer.errors import ConfigError, NonFiniteInputError
+from datasteer.finite import finite_rows
 from datasteer.ops.clustering import CLUSTER_METHODS, ClusterMethod, cluster
 from datasteer.ops.embeddings import Pooling
 from datasteer.registry import SELECTORS
 from datasteer.selectors.base import SelectContext, Selector
-from datasteer.selectors.less import GradientFeatureParams, max_mean_cosine, target_gradient_features
+from datasteer.selectors.less import GradientFeatureParams, finite_scores, target_gradient_features
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +132,11 @@ class ClusterLessSelector(Selector):
     score. The selection takes whole clusters in score order (ties: lower cluster label
     first), members in a seeded random order, cutting the last cluster. Gradients cost
     about ``representatives / cluster_size`` of LESS's.
+
+    Non-finite rows are left out of the scoring (and counted, ``nonfinite``): pool samples
+    whose clustering embedding is not finite form one cluster of their own that always
+    ranks last; a representative whose gradient feature is not finite does not enter its
+    cluster's feature, and a cluster without a finite representative ranks last.
     """
 
     Params = ClusterLessParams
@@ -140,14 +146,33 @@ class ClusterLessSelector(Selector):
         super().__init__(params)
         self.labels: torch.Tensor | None = None  # (pool,) cluster of each pool sample
         self.order: torch.Tensor | None = None  # (pool,) grouped by cluster, nearest to the centroid first
+        # The cluster of the samples whose embedding is not finite (always the last label).
+        self.left_out: int | None = None
+        self._report: dict[str, int | float] = {}
+
+    def report(self) -> dict[str, int | float]:
+        """``nonfinite``: pool embeddings (when clustering) and feature rows left out of the latest update."""
+        return dict(self._report)
 
     def _cluster(self, ctx: SelectContext) -> None:
         assert ctx.ops is not None
         p: ClusterLessParams = self.params
         embeddings = ctx.ops.embeddings(torch.arange(ctx.pool_size), layer=p.layer, pooling=p.pooling)
-        k = math.ceil(ctx.pool_size / p.cluster_size)
-        self.labels = cluster(embeddings, k, p.clustering, generator=ctx.generator, niter=p.niter)
-        self.order = order_by_centrality(embeddings, self.labels)
+        finite = finite_rows(embeddings)
+        self._report["nonfinite"] = int((~finite).sum())
+        if not bool(finite.any()):
+            raise NonFiniteInputError(f"no pool embedding is finite ({ctx.pool_size} are NaN or infinite)")
+        k = math.ceil(int(finite.sum()) / p.cluster_size)
+        labels = torch.empty(ctx.pool_size, dtype=torch.long)
+        labels[finite] = cluster(embeddings[finite], k, p.clustering, generator=ctx.generator, niter=p.niter)
+        self.left_out = None
+        if not bool(finite.all()):
+            self.left_out = int(labels[finite].max()) + 1
+            labels[~finite] = self.left_out
+            logger.warning("cluster_less: %d pool embeddings are NaN or infinite; they rank last", int((~finite).sum()))
+        self.labels = labels
+        # (the left-out rows' order within their own cluster does not matter: zeros keep NaN out)
+        self.order = order_by_centrality(torch.where(finite[:, None], embeddings, 0.0), labels)
         logger.info("cluster_less: %d pool samples in %d clusters (%s)", ctx.pool_size, self.clusters, p.clustering)
 
     @property
@@ -162,12 +187,23 @@ class ClusterLessSelector(Selector):
         assert ops is not None
         config = p.feature_config()
         targets = target_gradient_features(ops, config, "cluster_less")
+        self._report = {"nonfinite": 0}
         if self.labels is None or self.order is None:
             self._cluster(ctx)
         assert self.labels is not None and self.order is not None
         reps, rep_labels = pick_representatives(self.order, self.labels, p.representatives, p.pick, ctx.generator)
+        if self.left_out is not None:  # no gradients for the samples left out of the clustering
+            reps, rep_labels = reps[rep_labels != self.left_out], rep_labels[rep_labels != self.left_out]
         features = ops.gradient_features(reps, config, optimizer=ops.optimizer if p.adam else None)
-        return max_mean_cosine(cluster_features(features, rep_labels, self.clusters), targets)
+        finite = finite_rows(features)
+        features, rep_labels = features[finite], rep_labels[finite]
+        scores, left_out = finite_scores(cluster_features(features, rep_labels, self.clusters), targets)
+        self._report["nonfinite"] += left_out + int((~finite).sum())
+        if scores is None or len(rep_labels) == 0:
+            raise NonFiniteInputError("no finite gradient feature to score by")
+        # a cluster without a finite representative (the left-out one included) ranks last
+        scored = torch.bincount(rep_labels, minlength=self.clusters) > 0
+        return torch.where(scored, scores, -math.inf)
 
     def select(self, ctx: SelectContext) -> torch.Tensor:
         scores = self.cluster_scores(ctx)
@@ -175,7 +211,15 @@ class ClusterLessSelector(Selector):
         return rank_by_cluster_score(scores, self.labels, min(ctx.num_samples, ctx.pool_size), ctx.generator)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"labels": self.labels, "order": self.order}
+        labels = self.labels
+        if labels is not None and self.left_out is not None:  # saved as label -1
+            labels = torch.where(labels == self.left_out, -1, labels)
+        return {"labels": labels, "order": self.order}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.labels, self.order = state["labels"], state["order"]
+        labels, self.order = state["labels"], state["order"]
+        self.left_out = None
+        if labels is not None and bool((labels < 0).any()):
+            self.left_out = int(labels.max()) + 1
+            labels = torch.where(labels < 0, self.left_out, labels)
+        self.labels = labels

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from datasteer.config import doc
-from datasteer.errors import ConfigError
+from datasteer.errors import ConfigError, NonFiniteInputError
 from datasteer.registry import SELECTORS
 from datasteer.selectors.base import SelectContext, Selector
 
@@ -63,6 +63,10 @@ class DeltaLossSelector(Selector):
     last; with a single such update ``s = 0``, where the reference divides by zero).
     Draws without replacement, with replacement only if more samples are needed than have
     positive weight.
+
+    A sample whose ``L0`` or current loss is not finite is left out (weight 0, not ranked;
+    the window is ``window_size`` of the finite deltas) and counted as ``nonfinite``. A
+    first update without one finite loss records nothing (the next one records ``L0``).
     """
 
     Params = DeltaLossParams
@@ -71,17 +75,31 @@ class DeltaLossSelector(Selector):
     def __init__(self, params: DeltaLossParams) -> None:
         super().__init__(params)
         self.initial_losses: torch.Tensor | None = None
+        self._report: dict[str, int | float] = {}
+
+    def report(self) -> dict[str, int | float]:
+        """``nonfinite``: pool samples of the latest update left out for a non-finite loss (or ``L0``)."""
+        return dict(self._report)
 
     def select(self, ctx: SelectContext) -> torch.Tensor:
         assert ctx.ops is not None
         losses = ctx.ops.sample_losses(torch.arange(ctx.pool_size), desc=f"delta-loss selector, update {ctx.update}")
         if self.initial_losses is None:
+            finite = torch.isfinite(losses)
+            self._report = {"nonfinite": int((~finite).sum())}
+            if not bool(finite.any()):
+                raise NonFiniteInputError(f"none of the {ctx.pool_size} pool losses is finite; L0 is not recorded")
             self.initial_losses = losses.clone()
             weights = torch.ones(ctx.pool_size, dtype=torch.float64)
         else:
-            weights = self.weights(self.initial_losses - losses, self.progress(ctx))
+            deltas = self.initial_losses - losses
+            finite = torch.isfinite(deltas)
+            self._report = {"nonfinite": int((~finite).sum())}
+            if not bool(finite.any()):
+                raise NonFiniteInputError(f"none of the {ctx.pool_size} loss drops is finite")
+            weights = self.weights(deltas, self.progress(ctx))
             if not weights.sum() > 0:  # empty window and outside_mass 0: nothing to prefer
-                weights = torch.ones_like(weights)
+                weights = torch.where(finite, 1.0, 0.0).double()
         replacement = ctx.num_samples > int((weights > 0).sum())
         return torch.multinomial(weights, ctx.num_samples, replacement=replacement, generator=ctx.generator)
 
@@ -92,11 +110,14 @@ class DeltaLossSelector(Selector):
         return 0.0 if later_updates <= 0 else min(1.0, max(0.0, (ctx.update - 1) / later_updates))
 
     def weights(self, deltas: torch.Tensor, progress: float) -> torch.Tensor:
-        """Sampling weight of each pool sample (1 inside the window, ``outside_mass`` outside)."""
-        deltas = torch.nan_to_num(deltas.double(), nan=-math.inf)
-        order = torch.argsort(deltas, descending=True, stable=True)
+        """Sampling weight of each pool sample (1 inside the window, ``outside_mass`` outside,
+        0 for a non-finite delta, which is not ranked)."""
+        deltas = deltas.double()
+        finite = torch.nonzero(torch.isfinite(deltas)).flatten()
+        order = finite[torch.argsort(deltas[finite], descending=True, stable=True)]
         start, end = window_bounds(deltas[order], progress, self.params)
-        weights = torch.full_like(deltas, self.params.outside_mass)
+        weights = torch.zeros_like(deltas)
+        weights[finite] = self.params.outside_mass
         weights[order[start:end]] = 1.0
         return weights
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -9,7 +10,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from datasteer.config import doc
-from datasteer.errors import ConfigError
+from datasteer.errors import ConfigError, NonFiniteInputError
+from datasteer.finite import finite_rows
 from datasteer.ops.gradients import GradFeatureConfig
 from datasteer.ops.similarity import mean_similarity
 from datasteer.registry import SELECTORS
@@ -84,6 +86,32 @@ def max_mean_cosine(pool: torch.Tensor, target_sets: Sequence[torch.Tensor]) -> 
     return torch.stack([mean_similarity(pool, t) for t in target_sets]).amax(dim=0)
 
 
+def finite_scores(pool: torch.Tensor, target_sets: Sequence[torch.Tensor]) -> tuple[torch.Tensor | None, int]:
+    """:func:`max_mean_cosine` of the finite pool rows against the finite rows of each target set.
+
+    A row that is not finite is left out of the scoring (never zeroed): a pool row scores
+    ``-inf``, a target row is dropped (and a target set without a finite row).
+
+    Returns:
+        ``(scores, left_out)``: ``(n,)`` float32 scores, or ``None`` when no pool row or no
+        target row is finite; ``left_out`` counts the pool and target rows left out.
+    """
+    finite = finite_rows(pool)
+    kept = [t[finite_rows(t)] for t in target_sets]
+    left_out = int((~finite).sum()) + sum(len(t) - len(k) for t, k in zip(target_sets, kept, strict=True))
+    kept = [k for k in kept if len(k)]
+    if not kept or not bool(finite.any()):
+        return None, left_out
+    scores = torch.full((len(pool),), -math.inf)
+    scores[finite] = max_mean_cosine(pool[finite], kept)
+    return scores, left_out
+
+
+def top_finite(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the ``k`` highest finite scores (fewer if fewer are finite)."""
+    return torch.topk(scores, min(k, int(torch.isfinite(scores).sum()))).indices
+
+
 @SELECTORS.register("less")
 class LessSelector(Selector):
     """LESS (Xia et al., 2024; arXiv 2402.04333): top-k pool samples by gradient cosine with the targets.
@@ -102,6 +130,14 @@ class LessSelector(Selector):
     Params = LessParams
     needs_model = True
 
+    def __init__(self, params: LessParams) -> None:
+        super().__init__(params)
+        self._report: dict[str, int | float] = {}
+
+    def report(self) -> dict[str, int | float]:
+        """``nonfinite``: candidate and target feature rows left out of the latest scoring."""
+        return dict(self._report)
+
     def select(self, ctx: SelectContext) -> torch.Tensor:
         p: LessParams = self.params
         ops = ctx.ops
@@ -110,6 +146,8 @@ class LessSelector(Selector):
         targets = target_gradient_features(ops, config, "less")
         candidates = candidate_subset(ctx, p.candidates)
         pool = ops.gradient_features(candidates, config, optimizer=ops.optimizer if p.adam else None)
-        scores = max_mean_cosine(pool, targets)
-        top = torch.topk(scores, min(ctx.num_samples, len(candidates))).indices
-        return candidates[top]
+        scores, left_out = finite_scores(pool, targets)
+        self._report = {"nonfinite": left_out}
+        if scores is None:
+            raise NonFiniteInputError(f"no finite gradient feature to score by ({left_out} rows are NaN or infinite)")
+        return candidates[top_finite(scores, ctx.num_samples)]

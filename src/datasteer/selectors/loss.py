@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 
 from datasteer.config import doc
-from datasteer.errors import ConfigError
+from datasteer.errors import ConfigError, NonFiniteInputError
 from datasteer.registry import SELECTORS
 from datasteer.selectors.base import SelectContext, Selector, candidate_subset
 
@@ -51,7 +51,7 @@ def tier_probabilities(losses: torch.Tensor, params: LossSelectParams) -> torch.
     """
     valid = torch.isfinite(losses)
     if not valid.any():
-        raise ValueError("no candidate has a finite loss")
+        raise NonFiniteInputError(f"none of the {len(losses)} candidates has a finite loss")
     q = torch.quantile(losses[valid].double(), torch.tensor(params.quantiles, dtype=torch.float64))
     x = losses.double()
     tier = {"low": x <= q[0], "medium": (x > q[0]) & (x <= q[1]), "high": x > q[1]}[params.focus]
@@ -69,18 +69,28 @@ class LossSelector(Selector):
     without replacement.
 
     Scores every candidate with one batched, rank-sharded pass (the reference scores one
-    sample at a time). Falls back to drawing with replacement only when fewer candidates
-    have a finite loss than samples are needed, and logs that it did.
+    sample at a time). A candidate whose loss is not finite is left out (probability 0;
+    counted as ``nonfinite``). Falls back to drawing with replacement only when fewer
+    candidates have a finite loss than samples are needed, and logs that it did.
     """
 
     Params = LossSelectParams
     needs_model = True
+
+    def __init__(self, params: LossSelectParams) -> None:
+        super().__init__(params)
+        self._report: dict[str, int | float] = {}
+
+    def report(self) -> dict[str, int | float]:
+        """``nonfinite``: candidates of the latest update whose loss was not finite (left out)."""
+        return dict(self._report)
 
     def select(self, ctx: SelectContext) -> torch.Tensor:
         p: LossSelectParams = self.params
         assert ctx.ops is not None
         candidates = candidate_subset(ctx, p.candidates)
         losses = ctx.ops.sample_losses(candidates, desc=f"loss selector, update {ctx.update}")
+        self._report = {"nonfinite": int((~torch.isfinite(losses)).sum())}
         probs = tier_probabilities(losses, p)
         available = int((probs > 0).sum())
         replacement = ctx.num_samples > available

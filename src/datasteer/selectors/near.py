@@ -9,7 +9,8 @@ from typing import Any, Literal
 import torch
 
 from datasteer.config import doc
-from datasteer.errors import ConfigError
+from datasteer.errors import ConfigError, NonFiniteInputError
+from datasteer.finite import finite_rows
 from datasteer.ops.prepared import embedding_settings, pool_fingerprint, read_prepared, row_token_ids
 from datasteer.ops.similarity import topk_similarity
 from datasteer.registry import SELECTORS
@@ -57,6 +58,9 @@ class NearSelector(Selector):
     With ``prepared``, the lists come from ``datasteer prepare near CONFIG`` (faiss over the
     model's embeddings before training), checked against a fingerprint of this run's pool
     rows, target rows and settings; faiss's ``-1`` padding of short lists is skipped.
+
+    A pool or target row whose embedding is not finite is left out of the lists (and
+    counted, ``nonfinite``); a pool sample left out can still be drawn when the lists run out.
     """
 
     Params = NearParams
@@ -75,6 +79,11 @@ class NearSelector(Selector):
         self.neighbours: torch.Tensor | None = None  # (targets, depth) pool indices, nearest first
         self.cursor = 0  # position in the rank-major neighbour order
         self.used: torch.Tensor | None = None  # (pool,) bool
+        self._report: dict[str, int | float] = {}
+
+    def report(self) -> dict[str, int | float]:
+        """``nonfinite``: pool and target embeddings left out when the lists were (re)built at this update."""
+        return dict(self._report)
 
     def _neighbour_lists(self, ctx: SelectContext) -> torch.Tensor:
         assert ctx.ops is not None
@@ -90,10 +99,17 @@ class NearSelector(Selector):
             return read_prepared(p.prepared, "near", expected)["neighbours"].long()
         pool = ctx.ops.embeddings(torch.arange(ctx.pool_size), layer=p.layer, pooling=p.pooling)
         targets = ctx.ops.target_embeddings(layer=p.layer, pooling=p.pooling)
-        _, indices = topk_similarity(pool, targets, min(p.neighbours, ctx.pool_size))
-        return indices
+        rows, keep = torch.nonzero(finite_rows(pool)).flatten(), finite_rows(targets)
+        self._report["nonfinite"] = ctx.pool_size - len(rows) + int((~keep).sum())
+        if len(rows) == 0 or not bool(keep.any()):
+            raise NonFiniteInputError(
+                f"no finite embedding to search ({self._report['nonfinite']} are NaN or infinite)"
+            )
+        _, indices = topk_similarity(pool[rows], targets[keep], min(p.neighbours, len(rows)))
+        return rows[indices]
 
     def select(self, ctx: SelectContext) -> torch.Tensor:
+        self._report = {"nonfinite": 0}
         if self.neighbours is None or self.params.refresh:
             self.neighbours = self._neighbour_lists(ctx)
             # New lists start over from their nearest neighbours; samples already served are

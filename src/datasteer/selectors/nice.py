@@ -10,13 +10,14 @@ import torch
 from torch import nn
 
 from datasteer.config import doc
-from datasteer.errors import ConfigError
+from datasteer.errors import ConfigError, NonFiniteInputError
+from datasteer.finite import finite_rows
 from datasteer.ops.hub import require_local
 from datasteer.ops.policy_gradient import Sampling, load_policy
 from datasteer.ops.rewards import ExactMatch, RewardFn, RewardModel, TokenF1, eos_ids
 from datasteer.registry import SELECTORS
 from datasteer.selectors.base import SelectContext, Selector, candidate_subset
-from datasteer.selectors.less import GradientFeatureParams, max_mean_cosine
+from datasteer.selectors.less import GradientFeatureParams, finite_scores, top_finite
 
 if TYPE_CHECKING:
     from datasteer.ops.protocol import ModelOperations
@@ -201,11 +202,12 @@ class NiceSelector(Selector):
             )
             total += len(feats)
             silent += int(no_signal.sum())
-            live = feats[feats.abs().sum(dim=1) > 0]  # a zero row has no direction to align with
+            # A zero row has no direction to align with; a non-finite one is left out (counted below).
+            live = feats[~finite_rows(feats) | (feats.abs().sum(dim=1) > 0)]
             logger.info("nice: %d of %d targets of %s carry reward signal", len(live), len(feats), t.name or "eval")
             if len(live):
                 sets.append(live)
-        self._report = {"targets": total, "targets_without_signal": silent}
+        self._report = {"targets": total, "targets_without_signal": silent, "nonfinite": 0}
         if silent:
             instead = (
                 "their reference answers stand in (reference_fallback: true): this update is LESS on them"
@@ -223,5 +225,8 @@ class NiceSelector(Selector):
         if not sets:
             logger.warning("nice: no target carries reward signal; selecting candidates at random this update")
             return candidates[torch.randperm(len(candidates), generator=ctx.generator)[:k]]
-        top = torch.topk(max_mean_cosine(pool, sets), k).indices
-        return candidates[top]
+        scores, left_out = finite_scores(pool, sets)
+        self._report["nonfinite"] = left_out
+        if scores is None:
+            raise NonFiniteInputError(f"no finite gradient feature to score by ({left_out} rows are NaN or infinite)")
+        return candidates[top_finite(scores, k)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,10 +10,13 @@ import torch
 
 from datasteer.config import doc
 from datasteer.errors import ConfigError, SteeringStateError
+from datasteer.finite import finite_rows
 from datasteer.ops.embeddings import Pooling
 from datasteer.ops.protocol import ModelOperations
 from datasteer.registry import WEIGHTERS
 from datasteer.weighters.base import RefreshesFromModel, UsesBatchEmbeddings, WeightContext, Weighter
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,6 +66,10 @@ class AdaptWeighter(Weighter, UsesBatchEmbeddings, RefreshesFromModel):
     grows with the batch size), the same for any split into micro-batches and ranks; with
     ``normalize`` the weights are instead scaled to average 1 over each data-parallel
     micro-batch (``sum w l / sum w`` per micro-batch).
+
+    An anchor whose embedding is not finite is left out (counted as ``nonfinite`` in the
+    refresh record); a refresh without one finite anchor keeps the anchors it had, and with
+    none at all every weight is 1.
     """
 
     Params = AdaptParams
@@ -80,8 +88,17 @@ class AdaptWeighter(Weighter, UsesBatchEmbeddings, RefreshesFromModel):
     def refresh(self, ops: ModelOperations) -> dict[str, Any]:
         p: AdaptParams = self.params
         anchors = ops.target_embeddings(layer=p.layer, pooling=p.pooling, normalize=True).float()
-        self.anchors = torch.nn.functional.normalize(anchors, dim=-1)
-        return {"anchors": int(self.anchors.shape[0])}
+        finite = finite_rows(anchors)
+        if bool(finite.any()) or self.anchors is None:
+            self.anchors = torch.nn.functional.normalize(anchors[finite], dim=-1)
+        if not bool(finite.all()):
+            logger.warning(
+                "adapt: %d of %d anchor embeddings are NaN or infinite and are left out%s",
+                int((~finite).sum()),
+                len(finite),
+                "" if finite.any() else "; the anchors in force are kept (weight 1 if there are none)",
+            )
+        return {"anchors": int(self.anchors.shape[0]), "nonfinite": int((~finite).sum())}
 
     def weigh(self, ctx: WeightContext) -> torch.Tensor:
         p: AdaptParams = self.params
@@ -89,6 +106,8 @@ class AdaptWeighter(Weighter, UsesBatchEmbeddings, RefreshesFromModel):
             raise SteeringStateError("adapt: the anchors were not embedded before the first weighted step")
         if ctx.embeddings is None:
             raise SteeringStateError("adapt: the batch's embeddings are missing")
+        if len(self.anchors) == 0:  # no finite anchor yet: nothing to compare with
+            return torch.ones(len(ctx.losses), dtype=torch.float64)
         x = torch.nn.functional.normalize(ctx.embeddings.float(), dim=-1)
         score = (x @ self.anchors.t()).mean(dim=1)
         if p.center:

@@ -70,8 +70,9 @@ class LossWeighter(Weighter):
         p: LossWeightParams = self.params
         loss = losses.double()
         low, high = loss.min(), loss.max()
-        spread = (high - low).clamp_min(1e-12)  # all losses equal: every n is 0
-        n = (2 * loss - (high + low)) / spread * p.delta
+        spread = high - low
+        # Written as a position in [0, 1] first: 2 l - (max + min) overflows for huge finite losses.
+        n = ((loss - low) / spread * 2 - 1) * p.delta if spread > 0 else torch.zeros_like(loss)  # all equal: 0
         if p.strategy == "linupper":
             return torch.clamp(n + p.delta, max=p.delta)
         if p.strategy == "uniform":
@@ -82,4 +83,15 @@ class LossWeighter(Weighter):
 
     def weigh(self, ctx: WeightContext) -> torch.Tensor:
         r = self.temperature(ctx.step, ctx.max_steps)
-        return len(ctx.losses) * torch.softmax(self.scores(ctx.losses) / r, dim=0)
+        return len(ctx.losses) * tempered_softmax(self.scores(ctx.losses), r)
+
+
+def tempered_softmax(scores: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``softmax(scores / temperature)`` of finite scores, finite for any temperature > 0.
+
+    The largest score is subtracted before dividing: ``scores / temperature`` may overflow to
+    ``inf`` (a tiny temperature, huge scores) and make the softmax NaN, while the shifted
+    values are at most 0 (the largest stays 0, the others may go to ``-inf``: weight 0).
+    """
+    shifted = scores.double() - scores.double().max()
+    return torch.softmax(shifted / temperature, dim=0)

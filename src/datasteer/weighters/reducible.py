@@ -12,6 +12,7 @@ from datasteer.config import doc
 from datasteer.errors import ConfigError, SteeringStateError
 from datasteer.registry import WEIGHTERS
 from datasteer.weighters.base import WeightContext, Weighter
+from datasteer.weighters.loss import tempered_softmax
 
 
 @dataclass
@@ -65,7 +66,7 @@ class ReducibleLossWeighter(Weighter, ComparesToReference):
         reducible = ctx.losses.double() - ctx.reference_losses.double()
         b = len(reducible)
         if p.fraction is None:
-            return b * torch.softmax(reducible / p.temperature, dim=0)
+            return b * tempered_softmax(reducible, p.temperature)
         keep = math.ceil(p.fraction * b)
         # Ties broken by position (stable), so every rank keeps the same samples.
         order = torch.sort(reducible, descending=True, stable=True).indices[:keep]
