@@ -385,3 +385,16 @@ def test_log_file_must_stay_inside_the_output_dir(log_file: str) -> None:
     with pytest.raises(ConfigError, match=r"^datasteer\.log_file:"):
         load_steering({"mix": {"algorithm": "random"}, "log_file": log_file})
     assert load_steering({"paradigm": "mix", "algorithm": "random", "log_file": "logs/steer.jsonl"})
+
+
+def test_max_nonfinite_steps_is_a_run_wide_key_of_both_forms() -> None:
+    assert load_steering({"paradigm": "mix", "algorithm": "odm"}).max_nonfinite_steps == 3
+    single = load_steering({"paradigm": "mix", "algorithm": "odm", "max_nonfinite_steps": 0})
+    staged = load_steering({"mix": {"algorithm": "odm"}, "max_nonfinite_steps": 5})
+    assert (single.max_nonfinite_steps, staged.max_nonfinite_steps) == (0, 5)
+    with pytest.raises(ConfigError, match=r"^datasteer\.max_nonfinite_steps: must be >= 0"):
+        load_steering({"mix": {"algorithm": "odm"}, "max_nonfinite_steps": -1})
+    with pytest.raises(ConfigError, match=r"^datasteer\.max_nonfinite_steps: expected an integer"):
+        load_steering({"paradigm": "mix", "algorithm": "odm", "max_nonfinite_steps": 1.5})
+    with pytest.raises(ConfigError, match=r"puts this key inside a stage; allowed at the top: .*max_nonfinite_steps"):
+        load_steering({"mix": {"algorithm": "odm"}, "warmup_steps": 1})

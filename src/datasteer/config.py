@@ -195,7 +195,9 @@ class StageConfig:
             raise ConfigError(f"max_updates: must be >= 1 or null, got {self.max_updates}")
 
 
-def _check_run_keys(lag: int | None, log_file: str) -> None:
+def _check_run_keys(lag: int | None, log_file: str, max_nonfinite_steps: int) -> None:
+    if max_nonfinite_steps < 0:
+        raise ConfigError(f"max_nonfinite_steps: must be >= 0 (0: never stop), got {max_nonfinite_steps}")
     if lag is not None and lag < 1:
         raise ConfigError(f"lag: must be >= 1 (a plan cannot shape a batch already drawn), got {lag}")
     # The record is replaced at the start of every fresh run: it must stay inside output_dir.
@@ -212,6 +214,10 @@ _LAG_HELP = (
     "loader's prefetching needs (1 without worker processes)."
 )
 _LOG_HELP = "Event log written in the output directory."
+_NONFINITE_HELP = (
+    "Stop the run with an error when the training loss is NaN or infinite for this many consecutive "
+    "optimizer steps (0: never stop)."
+)
 
 
 @dataclass
@@ -221,9 +227,10 @@ class _RunKeys:
     seed: int | None = doc(_SEED_HELP, default=None)
     lag: int | None = doc(_LAG_HELP, default=None)
     log_file: str = doc(_LOG_HELP, default="steering.jsonl")
+    max_nonfinite_steps: int = doc(_NONFINITE_HELP, default=3)
 
     def __post_init__(self) -> None:
-        _check_run_keys(self.lag, self.log_file)
+        _check_run_keys(self.lag, self.log_file, self.max_nonfinite_steps)
 
 
 @dataclass
@@ -239,9 +246,10 @@ class _SingleStage:
     seed: int | None = doc(_SEED_HELP, default=None)
     lag: int | None = doc(_LAG_HELP, default=None)
     log_file: str = doc(_LOG_HELP, default="steering.jsonl")
+    max_nonfinite_steps: int = doc(_NONFINITE_HELP, default=3)
 
     def __post_init__(self) -> None:
-        _check_run_keys(self.lag, self.log_file)
+        _check_run_keys(self.lag, self.log_file, self.max_nonfinite_steps)
 
 
 #: Keys of the one-paradigm form, in the order error messages list them.
@@ -255,9 +263,10 @@ SINGLE_KEYS = (
     "seed",
     "lag",
     "log_file",
+    "max_nonfinite_steps",
 )
 #: Keys of the staged form.
-STAGED_KEYS = (*PARADIGMS, "seed", "lag", "log_file")
+STAGED_KEYS = (*PARADIGMS, "seed", "lag", "log_file", "max_nonfinite_steps")
 
 
 @dataclass
@@ -271,6 +280,7 @@ class SteeringConfig:
     seed: int | None = None
     lag: int | None = None
     log_file: str = "steering.jsonl"
+    max_nonfinite_steps: int = 3
 
     @property
     def paradigms(self) -> tuple[str, ...]:
@@ -329,7 +339,9 @@ def load_steering(data: Any, where: str = "datasteer") -> SteeringConfig:
             raise ConfigError(f"{where}.algorithm: required key is missing")
         stage_raw = {k: raw[k] for k in ("algorithm", "warmup_steps", "update_every", "max_updates") if k in raw}
         stage = _parse_stage(single.paradigm, {**stage_raw, "params": raw_params}, where)
-        return SteeringConfig({single.paradigm: stage}, single.seed, single.lag, single.log_file)
+        return SteeringConfig(
+            {single.paradigm: stage}, single.seed, single.lag, single.log_file, single.max_nonfinite_steps
+        )
     flat = [k for k in raw if k in SINGLE_KEYS and k not in STAGED_KEYS]
     if flat:
         raise ConfigError(
@@ -343,7 +355,7 @@ def load_steering(data: Any, where: str = "datasteer") -> SteeringConfig:
             raise ConfigError(f"{where}.{paradigm}: expected a mapping with 'algorithm' (and params, schedule)")
         stages[paradigm] = _parse_stage(paradigm, block, f"{where}.{paradigm}")
     run = parse_dataclass(_RunKeys, raw, where)
-    return SteeringConfig(stages, run.seed, run.lag, run.log_file)
+    return SteeringConfig(stages, run.seed, run.lag, run.log_file, run.max_nonfinite_steps)
 
 
 #: A float written without a dot (``1e-4``): YAML 1.1 reads it as a string, YAML 1.2 as a float.

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -15,8 +17,8 @@ from tests.factories import make_dataset, make_model, select_context, steering_r
 from transformers import TrainerCallback, default_data_collator
 
 from datasteer.controller import digest
-from datasteer.errors import SteeringStateError
-from datasteer.hf import SteeringTrainer
+from datasteer.errors import SteeringStateError, TrainingDivergedError
+from datasteer.hf import STATE_FILE, SteeringTrainer
 from datasteer.ops import INDEX_KEY
 from datasteer.registry import WEIGHTERS
 from datasteer.runlog import read_records
@@ -621,3 +623,82 @@ def test_the_trainers_own_log_keeps_every_step_and_carries_the_steering_numbers(
     assert all(entry["steering/weight_mean"] == 1.0 and entry["steering/weight_ess"] == 1.0 for entry in logs)
     if "mix" in steering:
         assert all(abs(sum(entry[f"steering/p_{d}"] for d in ("alpha", "beta", "gamma")) - 1) < 1e-6 for entry in logs)
+
+
+# -- non-finite losses ------------------------------------------------------------------------
+
+
+def diverging_run(out: Path, steering: dict[str, Any], max_steps: int = 8, **kwargs: Any) -> RecordingTrainer:
+    """The tiny run at learning rate 1e4: its loss is NaN from step 3 on."""
+    args = training_args(
+        out, per_device_train_batch_size=4, max_steps=max_steps, logging_steps=1, learning_rate=1e4, **kwargs
+    )
+    trainer = RecordingTrainer(
+        model=make_model(),
+        args=args,
+        train_dataset=make_dataset(),
+        data_collator=default_data_collator,
+        steering=steering,
+    )
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize(
+    "steering",
+    [{"paradigm": "mix", "algorithm": "static"}, {"paradigm": "mix", "algorithm": "odm"}],
+    ids=["trainers-own-loss", "per-sample-losses"],
+)
+def test_a_diverged_run_stops_with_one_line_after_saving_the_steering_state(
+    tmp_path: Path, steering: dict[str, Any]
+) -> None:
+    with pytest.raises(TrainingDivergedError) as err:
+        diverging_run(tmp_path, steering, save_steps=2)
+    message = str(err.value)
+    assert "\n" not in message
+    match = re.search(r"for 3 consecutive steps \((\d+)-(\d+)\); stopped at step (\d+)", message)
+    assert match is not None, message
+    first, last, stopped = (int(g) for g in match.groups())
+    assert last == stopped == first + 2
+    assert f"the latest complete checkpoint before it is {tmp_path / f'checkpoint-{(first - 1) // 2 * 2}'}" in message
+    state = torch.load(tmp_path / STATE_FILE, weights_only=True)
+    assert state["step"] == stopped
+    records = read_records(tmp_path / "steering.jsonl")
+    assert records[-1] == {**records[-1], "paradigm": "end", "step": stopped}
+    assert all(math.isfinite(p) for r in records for p in r.get("proportions", {}).values())
+
+
+def test_the_stop_can_be_turned_off_and_odm_keeps_its_proportions(tmp_path: Path) -> None:
+    """The issue's run: odm exited 0 with a healthy-looking record in which NaN losses had
+    become reward 0. It still trains on (max_nonfinite_steps: 0), but no NaN decides anything."""
+    trainer = diverging_run(tmp_path, {"paradigm": "mix", "algorithm": "odm", "max_nonfinite_steps": 0}, max_steps=6)
+    assert trainer.state.global_step == 6
+    records = steering_records(tmp_path / "steering.jsonl")
+    updates = [r for r in records if r["update"] >= 0]
+    kept = [r for r in updates if r.get("kept")]
+    assert kept and all(r["nonfinite"] == 4 for r in kept)  # each kept update followed a step of 4 NaN losses
+    assert all(r["proportions"] == kept[0]["proportions"] for r in kept)
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logs[-1]["steering/mix_nonfinite"] == 4.0
+
+
+def test_one_non_finite_sample_loss_does_not_turn_the_weighted_loss_nan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import datasteer.integrations.hf as hf
+
+    real = hf.per_token_loss
+
+    def poisoned(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0) -> Any:
+        token_losses, mask = real(logits, labels, smoothing)  # the first sample of each micro-batch overflows
+        return torch.cat([torch.full_like(token_losses[:1], float("inf")), token_losses[1:]]), mask
+
+    monkeypatch.setattr(hf, "per_token_loss", poisoned)
+    trainer = run(tmp_path, {"paradigm": "weight", "algorithm": "loss"}, bs=4, ga=2, max_steps=3)
+    assert all(math.isfinite(loss) for _, _, loss in trainer.micro)
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    records = steering_records(tmp_path / "steering.jsonl")
+    assert [r["nonfinite"] for r in records] == [2, 2, 2]  # one per micro-batch
+    assert all(r["weight_min"] == 0.0 for r in records)
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["steering/weight_nonfinite"] for entry in logs] == [2.0, 2.0, 2.0]

@@ -222,3 +222,28 @@ def test_a_step_whose_weights_would_not_be_finite_leaves_alpha_as_it_was(caplog:
     assert torch.equal(m.loss_weights(), alpha) and m.steps_observed == 1
     assert torch.equal(m.learned_proportions(), alpha)
     assert caplog.text.count("give no finite domain weights") == 2
+
+
+def test_a_diverged_proxy_with_the_stop_turned_off_still_writes_finite_weights(tmp_path: Path) -> None:
+    """The issue's run: at learning rate 1e4 alpha turned NaN from step 3 and the run ended with
+    'doremi returned invalid proportions', writing neither model nor domain_weights.json."""
+    args = training_args(tmp_path / "proxy", per_device_train_batch_size=4, max_steps=5, learning_rate=1e4)
+    steering = {
+        "paradigm": "mix",
+        "algorithm": "doremi",
+        "max_nonfinite_steps": 0,
+        "params": {"reference_model": save_reference(tmp_path / "ref")},
+    }
+    trainer = SteeringTrainer(
+        model=make_model(),
+        args=args,
+        train_dataset=make_dataset(),
+        data_collator=default_data_collator,
+        steering=steering,
+    )
+    trainer.train()
+    records = steering_records(tmp_path / "proxy" / "steering.jsonl")
+    assert sum(r.get("nonfinite", 0) for r in records) > 0  # the model did diverge
+    assert all(math.isfinite(v) for r in records for v in r["alpha"].values())
+    weights = json.loads((tmp_path / "proxy" / "domain_weights.json").read_text())
+    assert all(math.isfinite(p) for p in weights["proportions"]) and sum(weights["proportions"]) == pytest.approx(1)

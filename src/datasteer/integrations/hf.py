@@ -32,9 +32,11 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from datasteer import atomic, dist
 from datasteer.config import SteeringConfig
 from datasteer.controller import SteeringController
-from datasteer.errors import ConfigError, SteeringStateError
+from datasteer.errors import ConfigError, SteeringStateError, TrainingDivergedError
+from datasteer.integrations.checkpoint import STATE_FILE, latest_complete, load_state, save_state
 from datasteer.ops import INDEX_KEY, ModelOps, per_token_loss
 from datasteer.ops.embeddings import pool
 from datasteer.ops.losses import token_mean
@@ -44,8 +46,8 @@ from datasteer.runlog import RunLog
 
 logger = logging.getLogger(__name__)
 
-#: File holding the steering state inside each checkpoint folder.
-STATE_FILE = "steering_state.pt"
+__all__ = ["STATE_FILE", "IndexCollator", "SteeringCallback", "SteeringMixin"]
+
 #: Dataset column read as the domain of each training row (when no ``domains`` are given).
 DOMAIN_COLUMN = "domain"
 #: File in ``output_dir`` holding the proportions a mixer learned (DoReMi step 2's output).
@@ -182,6 +184,11 @@ class SteeringMixin:
         super().__init__(*args, **kwargs)
         self.steering = None
         self._steering_resume: str | None = None
+        self._steering_resume_state: dict[str, Any] | None = None
+        # Whether a micro-batch of the current optimizer step had a non-finite loss (a device
+        # tensor, read once per step), and the error a diverged run ends with.
+        self._steering_loss_bad: torch.Tensor | None = None
+        self._steering_diverged: TrainingDivergedError | None = None
         self._steering_reference: torch.nn.Module | None = None
         # (name, rows, collator) of each target (evaluation) set, read from the Trainer's own
         # evaluation loaders once: asking for a loader at every update would make accelerate
@@ -263,7 +270,16 @@ class SteeringMixin:
             self._steering_resume = str(resume_from_checkpoint)
         else:
             self._steering_resume = None
-        return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
+        self._steering_resume_state = None
+        if self.steering is not None and self._steering_resume is not None:
+            # Checked before the Trainer loads anything: a checkpoint cut short by a kill is
+            # refused with the name of the latest complete one.
+            self._steering_resume_state = load_state(self._steering_resume)
+        self._steering_diverged = None
+        result = super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
+        if self._steering_diverged is not None:
+            raise self._steering_diverged
+        return result
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         base = super()._get_train_sampler(train_dataset)  # type: ignore[misc]
@@ -281,11 +297,14 @@ class SteeringMixin:
         trainer: Any = self
         indices = inputs.pop(INDEX_KEY, None)
         ctl = self.steering
-        if ctl is None or indices is None or not model.training:
+        if ctl is None or not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # type: ignore[misc]
-        if not ctl.needs_sample_losses:
-            ctl.observe(indices)
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # type: ignore[misc]
+        if indices is None or not ctl.needs_sample_losses:
+            if indices is not None:
+                ctl.observe(indices)
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # type: ignore[misc]
+            self._steering_watch(result[0] if isinstance(result, tuple) else result)
+            return result
         labels = inputs.get("labels")
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         wanted = ctl.embedding_layer
@@ -317,10 +336,18 @@ class SteeringMixin:
         batch = ctl.observe(indices, losses.detach(), counts, excess, ref_mean, embeddings)
         if weighting:
             weights = ctl.sample_weights(trainer.state.global_step + 1, batch)
-            loss = (weights * losses).sum() / losses.numel()
+            # A left-out sample (weight 0, e.g. a NaN loss) must not turn the sum NaN: 0 * NaN is NaN.
+            kept = torch.where(weights > 0, losses, torch.zeros_like(losses))
+            loss = (weights * kept).sum() / losses.numel()
             if not trainer_divides_loss(trainer, num_items_in_batch):
                 loss = loss / trainer.current_gradient_accumulation_steps
+        self._steering_watch(loss)
         return (loss, outputs) if return_outputs else loss
+
+    def _steering_watch(self, loss: torch.Tensor) -> None:
+        """Note whether this micro-batch's training loss is finite (no device sync here)."""
+        bad = ~torch.isfinite(loss.detach()).all()
+        self._steering_loss_bad = bad if self._steering_loss_bad is None else self._steering_loss_bad | bad
 
     # -- used by the callback ---------------------------------------------------------------
     def _steering_ops(self, dataloader: Any, optimizer: Any = None) -> ModelOps:
@@ -345,6 +372,7 @@ class SteeringCallback(TrainerCallback):
     def __init__(self, trainer: SteeringMixin) -> None:
         self.trainer = trainer
         self._pending: dict[str, float] = {}
+        self._nonfinite_steps = 0  # consecutive optimizer steps with a non-finite training loss
 
     def _ops(self, kwargs: dict[str, Any]) -> Any:
         loader = kwargs.get("train_dataloader")
@@ -357,22 +385,51 @@ class SteeringCallback(TrainerCallback):
             return
         path = self.trainer._steering_resume
         if path is not None:
-            file = Path(path) / STATE_FILE
-            if not file.is_file():
-                raise SteeringStateError(
-                    f"{path}: the checkpoint has no {STATE_FILE}; it was not saved by a steered run"
-                )
-            ctl.load_state_dict(torch.load(file, weights_only=True))
+            saved = self.trainer._steering_resume_state
+            ctl.load_state_dict(saved if saved is not None else load_state(path))
             if ctl._resumed_at != state.global_step:
                 raise SteeringStateError(
-                    f"{file} is for step {ctl._resumed_at}, the Trainer resumed at step {state.global_step}"
+                    f"{Path(path) / STATE_FILE} is for step {ctl._resumed_at}, the Trainer resumed at step "
+                    f"{state.global_step}"
                 )
+        self._nonfinite_steps = 0
         self._publish(ctl.begin(state.max_steps, self._ops(kwargs)), args, state)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         ctl = self.trainer.steering
         if ctl is not None:
             self._publish(ctl.step_end(state.global_step, self._ops(kwargs)), args, state)
+            self._check_divergence(ctl, args, state, control)
+
+    def _check_divergence(self, ctl: SteeringController, args: Any, state: Any, control: Any) -> None:
+        """Stop the run once the training loss was non-finite for ``max_nonfinite_steps`` steps
+        in a row (the same decision on every rank); :meth:`SteeringMixin.train` then raises."""
+        limit = ctl.plan.config.max_nonfinite_steps
+        bad = self.trainer._steering_loss_bad
+        self.trainer._steering_loss_bad = None
+        if limit == 0:
+            return
+        flag = torch.tensor(float(bad.item()) if bad is not None else 0.0)
+        if dist.all_reduce(flag, "max").item() > 0:
+            self._nonfinite_steps += 1
+        else:
+            self._nonfinite_steps = 0
+        if self._nonfinite_steps < limit:
+            return
+        step = state.global_step
+        first = step - self._nonfinite_steps + 1
+        control.should_training_stop = True
+        saved = Path(args.output_dir) / STATE_FILE
+        if args.should_save:  # what the steering had learned when the run stopped, for inspection
+            save_state(ctl.state_dict(step), args.output_dir)
+        previous = latest_complete(args.output_dir, before=first)
+        back = f"; the latest complete checkpoint before it is {previous}" if previous else ""
+        self.trainer._steering_diverged = TrainingDivergedError(
+            f"training diverged: the loss was NaN or infinite for {self._nonfinite_steps} consecutive steps "
+            f"({first}-{step}); stopped at step {step}, steering state saved to {saved}{back} (lower the "
+            "learning rate, or set datasteer.max_nonfinite_steps: 0 to train on)"
+        )
+        logger.error("%s", self.trainer._steering_diverged)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         ctl = self.trainer.steering
@@ -381,10 +438,12 @@ class SteeringCallback(TrainerCallback):
         learned = ctl.learned_proportions() if ctl is not None else None
         if learned is None or not args.should_save:
             return
+        if self.trainer._steering_diverged is not None:
+            logger.warning("steering: the run diverged; the learned proportions are not written")
+            return
         learned["step"] = state.global_step
         path = Path(args.output_dir) / WEIGHTS_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(learned, indent=2) + "\n")
+        atomic.write_text(path, json.dumps(learned, indent=2) + "\n")
         logger.info("steering: learned proportions %s written to %s", learned["proportions"], path)
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -394,7 +453,9 @@ class SteeringCallback(TrainerCallback):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         payload = ctl.state_dict(state.global_step)
         if args.should_save and folder.is_dir():
-            torch.save(payload, folder / STATE_FILE)
+            save_state(
+                payload, folder
+            )  # atomically, after the Trainer's files: its presence marks a complete checkpoint
 
     def _publish(self, events: list[dict[str, Any]], args: Any, state: Any) -> None:
         """Keep each event's numbers for the Trainer's logs (see :meth:`on_log`).
@@ -405,6 +466,8 @@ class SteeringCallback(TrainerCallback):
         for event in events:
             prefix = f"steering/{event['paradigm']}"
             self._pending[f"{prefix}_seconds"] = float(event["seconds"])
+            if "nonfinite" in event:  # one count per stage: the stages would overwrite each other
+                self._pending[f"{prefix}_nonfinite"] = float(event["nonfinite"])
             for key, value in event.items():
                 if key in (
                     "step",
@@ -412,6 +475,7 @@ class SteeringCallback(TrainerCallback):
                     "algorithm",
                     "served",
                     "seconds",
+                    "nonfinite",
                     "digest",
                     "update",
                     "first_step",
