@@ -16,7 +16,6 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -210,11 +209,6 @@ def test_systematic_counts_round_each_share_and_keep_the_total(weights: list[flo
     assert np.all(counts[p == 0] == 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="samplers.systematic_counts: ceil(edge - u) rounds 3 - 0.9999999999999998 to 2.0, so the "
-    "counts sum to total - 1 (a short step); comparing the edge's fraction with u would avoid the subtraction",
-)
 def test_systematic_counts_keep_the_total_when_u_is_next_to_1() -> None:
     """Found by the property above: u = 1 - 2**-52 (torch.rand can draw it, about once in 1e15 steps)."""
     assert systematic_counts(np.array([1.0]), 3, 1 - 2**-52).sum() == 3

@@ -225,7 +225,11 @@ def systematic_counts(proportions: np.ndarray, total: int, u: float) -> np.ndarr
     """
     edges = np.concatenate([[0.0], np.cumsum(proportions, dtype=np.float64)]) * total
     edges[-1] = total  # guard float drift
-    below = np.ceil(edges - u).astype(np.int64)  # how many points k + u lie below each edge
+    # How many points k + u lie below each edge: every k < floor(edge), and k = floor(edge)
+    # when u is below the edge's fraction (ceil(edge - u) says the same, but the subtraction
+    # can round: 3 - (1 - 2**-52) is 2.0 in float64, and the step would be one short).
+    whole = np.floor(edges)
+    below = whole.astype(np.int64) + (edges - whole > u)
     return np.diff(below)
 
 
