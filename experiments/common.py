@@ -380,6 +380,27 @@ def plots(exp: Experiment, seed: int) -> list[Path]:
     return drawn
 
 
+def run_experiment(
+    name: str,
+    title: str,
+    baseline: str,
+    arms: list[Arm],
+    *,
+    doc: str,
+    steps: int = 150,
+    seeds: Sequence[int] = (1, 2, 3),
+    output: str = "outputs/experiments/tiny",
+    target: str | None = None,
+    eval_length: int = 128,
+) -> int:
+    """Parse the command line (defaults from the arguments) and run the experiment."""
+    ns = parse_args(doc.splitlines()[0], steps=steps, seeds=seeds, output=output)
+    exp = Experiment(
+        name, title, baseline, arms, ns.seeds, ns.steps, Path(ns.output_dir), target=target, eval_length=eval_length
+    )
+    return main(exp, ns)
+
+
 def main(exp: Experiment, ns: argparse.Namespace) -> int:
     started = time.perf_counter()
     os.environ.setdefault("TQDM_DISABLE", "1")  # the evaluation passes are short; keep the log readable

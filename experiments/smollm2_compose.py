@@ -7,22 +7,16 @@ uniform mixture, at equal steps and tokens.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-from experiments.common import Experiment, main, parse_args
-from experiments.smollm2 import ARMS
+from experiments.smollm2 import ARMS, run
 
 if __name__ == "__main__":
-    ns = parse_args(__doc__.splitlines()[0], steps=40, seeds=(1,), output="outputs/experiments/smollm2")
-    arms = [ARMS["static"], ARMS["odm"], ARMS["odm+reducible"]]
-    exp = Experiment(
-        "smollm2_compose",
-        "SmolLM2-135M: ODM + reducible weights vs the uniform mixture",
-        "static",
-        arms,
-        ns.seeds,
-        ns.steps,
-        Path(ns.output_dir),
-        eval_length=64,  # the runs train on 64-token blocks
+    sys.exit(
+        run(
+            "smollm2_compose",
+            "SmolLM2-135M: ODM + reducible weights vs the uniform mixture",
+            "static",
+            [ARMS["static"], ARMS["odm"], ARMS["odm+reducible"]],
+            doc=__doc__,
+        )
     )
-    sys.exit(main(exp, ns))

@@ -7,21 +7,16 @@ uniform mixture at equal steps and tokens.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-from experiments.common import Experiment, main, parse_args
-from experiments.smollm2 import ARMS
+from experiments.smollm2 import ARMS, run
 
 if __name__ == "__main__":
-    ns = parse_args(__doc__.splitlines()[0], steps=40, seeds=(1,), output="outputs/experiments/smollm2")
-    exp = Experiment(
-        "smollm2_mix",
-        "SmolLM2-135M: ODM vs the uniform mixture",
-        "static",
-        [ARMS["static"], ARMS["odm"]],
-        ns.seeds,
-        ns.steps,
-        Path(ns.output_dir),
-        eval_length=64,  # the runs train on 64-token blocks
+    sys.exit(
+        run(
+            "smollm2_mix",
+            "SmolLM2-135M: ODM vs the uniform mixture",
+            "static",
+            [ARMS["static"], ARMS["odm"]],
+            doc=__doc__,
+        )
     )
-    sys.exit(main(exp, ns))

@@ -14,26 +14,16 @@ from __future__ import annotations
 
 import sys
 from dataclasses import replace
-from pathlib import Path
 
-from experiments.common import Experiment, main, parse_args
-from experiments.smollm2 import ARMS
+from experiments.smollm2 import ARMS, run
 
 if __name__ == "__main__":
-    ns = parse_args(__doc__.splitlines()[0], steps=40, seeds=(1,), output="outputs/experiments/smollm2")
-    arms = [
-        replace(ARMS["static"], evaluate=False),
-        ARMS["random_select"],
-        ARMS["reducible"],
-    ]
-    exp = Experiment(
-        "smollm2_weight",
-        "SmolLM2-135M: reducible-loss weights vs uniform weights",
-        "random_select",
-        arms,
-        ns.seeds,
-        ns.steps,
-        Path(ns.output_dir),
-        eval_length=64,  # the runs train on 64-token blocks
+    sys.exit(
+        run(
+            "smollm2_weight",
+            "SmolLM2-135M: reducible-loss weights vs uniform weights",
+            "random_select",
+            [replace(ARMS["static"], evaluate=False), ARMS["random_select"], ARMS["reducible"]],
+            doc=__doc__,
+        )
     )
-    sys.exit(main(exp, ns))

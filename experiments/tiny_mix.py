@@ -14,9 +14,8 @@ three learnable domains (``noise`` is random tokens; it is reported, not average
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-from experiments.common import Arm, Experiment, main, parse_args
+from experiments.common import Arm, run_experiment
 
 ARMS = [
     Arm("static", "mix_static.yaml"),
@@ -40,8 +39,4 @@ ARMS = [
 ]
 
 if __name__ == "__main__":
-    ns = parse_args(__doc__.splitlines()[0], steps=150)
-    exp = Experiment(
-        "tiny_mix", "Mixers vs the uniform mixture", "static", ARMS, ns.seeds, ns.steps, Path(ns.output_dir)
-    )
-    sys.exit(main(exp, ns))
+    sys.exit(run_experiment("tiny_mix", "Mixers vs the uniform mixture", "static", ARMS, doc=__doc__))

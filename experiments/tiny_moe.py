@@ -12,9 +12,8 @@ learnable domains.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-from experiments.common import Arm, Experiment, main, parse_args
+from experiments.common import Arm, run_experiment
 
 ARMS = [
     Arm("static_moe", "mix_dynamic_moe.yaml", datasteer={"paradigm": "mix", "algorithm": "static"}, stage="sft"),
@@ -22,14 +21,6 @@ ARMS = [
 ]
 
 if __name__ == "__main__":
-    ns = parse_args(__doc__.splitlines()[0], steps=150)
-    exp = Experiment(
-        "tiny_moe",
-        "Dynamic Mixture vs the uniform mixture (tiny MoE)",
-        "static_moe",
-        ARMS,
-        ns.seeds,
-        ns.steps,
-        Path(ns.output_dir),
+    sys.exit(
+        run_experiment("tiny_moe", "Dynamic Mixture vs the uniform mixture (tiny MoE)", "static_moe", ARMS, doc=__doc__)
     )
-    sys.exit(main(exp, ns))

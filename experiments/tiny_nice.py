@@ -13,9 +13,8 @@ stands in, and the update is LESS).
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-from experiments.common import Arm, Experiment, main, parse_args
+from experiments.common import Arm, run_experiment
 
 RANDOM = {"paradigm": "select", "algorithm": "random", "warmup_steps": 5, "update_every": 10}
 ARMS = [
@@ -24,15 +23,13 @@ ARMS = [
 ]
 
 if __name__ == "__main__":
-    ns = parse_args(__doc__.splitlines()[0], steps=150)
-    exp = Experiment(
-        "tiny_nice",
-        "NICE (target: arithmetic, SFT) vs random selection",
-        "random_sft",
-        ARMS,
-        ns.seeds,
-        ns.steps,
-        Path(ns.output_dir),
-        target="arithmetic",
+    sys.exit(
+        run_experiment(
+            "tiny_nice",
+            "NICE (target: arithmetic, SFT) vs random selection",
+            "random_sft",
+            ARMS,
+            doc=__doc__,
+            target="arithmetic",
+        )
     )
-    sys.exit(main(exp, ns))

@@ -11,9 +11,8 @@ Metric: the mean held-out loss of the three learnable domains.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-from experiments.common import Arm, Experiment, main, parse_args
+from experiments.common import Arm, run_experiment
 
 ARMS = [
     Arm("random_select", "select_random.yaml"),
@@ -23,8 +22,4 @@ ARMS = [
 ]
 
 if __name__ == "__main__":
-    ns = parse_args(__doc__.splitlines()[0], steps=150)
-    exp = Experiment(
-        "tiny_select", "Selectors vs random selection", "random_select", ARMS, ns.seeds, ns.steps, Path(ns.output_dir)
-    )
-    sys.exit(main(exp, ns))
+    sys.exit(run_experiment("tiny_select", "Selectors vs random selection", "random_select", ARMS, doc=__doc__))

@@ -13,9 +13,8 @@ the held-out set, as in LESS's setup), plus the other domains to show what it co
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-from experiments.common import Arm, Experiment, main, parse_args
+from experiments.common import Arm, run_experiment
 
 FULL = ("finetuning_type=full", "learning_rate=1.0e-3")
 ARMS = [
@@ -27,15 +26,13 @@ ARMS = [
 ]
 
 if __name__ == "__main__":
-    ns = parse_args(__doc__.splitlines()[0], steps=150)
-    exp = Experiment(
-        "tiny_target",
-        "Targeted selectors (target: arithmetic) vs random selection",
-        "random_select",
-        ARMS,
-        ns.seeds,
-        ns.steps,
-        Path(ns.output_dir),
-        target="arithmetic",
+    sys.exit(
+        run_experiment(
+            "tiny_target",
+            "Targeted selectors (target: arithmetic) vs random selection",
+            "random_select",
+            ARMS,
+            doc=__doc__,
+            target="arithmetic",
+        )
     )
-    sys.exit(main(exp, ns))

@@ -13,9 +13,8 @@ three learnable domains.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-from experiments.common import Arm, Experiment, main, parse_args
+from experiments.common import Arm, run_experiment
 
 ARMS = [
     Arm("static", "mix_static.yaml", evaluate=False),  # the reference model of `reducible`
@@ -27,8 +26,4 @@ ARMS = [
 ]
 
 if __name__ == "__main__":
-    ns = parse_args(__doc__.splitlines()[0], steps=150)
-    exp = Experiment(
-        "tiny_weight", "Weighters vs uniform weights", "uniform_weight", ARMS, ns.seeds, ns.steps, Path(ns.output_dir)
-    )
-    sys.exit(main(exp, ns))
+    sys.exit(run_experiment("tiny_weight", "Weighters vs uniform weights", "uniform_weight", ARMS, doc=__doc__))
