@@ -188,7 +188,7 @@ def _train(exp: Experiment, arm: Arm, seed: int, force: bool) -> float:
 
 def run_all(exp: Experiment, jobs: int, only: Sequence[str] | None, force: bool) -> None:
     """Train every (arm, seed), ``jobs`` at a time, each after the arms it waits for."""
-    wanted = set(only or (a.name for a in exp.arms))
+    wanted = set(only or (a.name for a in exp.arms)) | {exp.baseline}  # the table needs its baseline
     changed = True
     while changed:  # what the wanted arms wait for
         changed = False
