@@ -506,6 +506,7 @@ def load_run_eval_sets(
     # Only the held-out sets are built; tokenized_path would load a saved dataset instead of them.
     settings.update(do_train=False, do_eval=False, do_predict=False, predict_with_generate=False)
     settings.update(streaming=False, tokenized_path=None, report_to="none")
+    settings["eval_on_each_dataset"] = False  # one set at a time below: LLaMA-Factory would return a dict
     try:
         model_args, data_args, training_args, _, _ = get_train_args(settings)
     except (ValueError, TypeError) as err:
