@@ -263,7 +263,6 @@ def evaluate_run(exp: Experiment, arm: Arm, seed: int) -> dict[str, Any]:
     from datasteer.assets import resolve_builtin
     from datasteer.evaluate import (
         evaluate_corpus,
-        evaluate_run,
         find_model,
         find_run_config,
         load_model,
@@ -271,6 +270,9 @@ def evaluate_run(exp: Experiment, arm: Arm, seed: int) -> dict[str, Any]:
         load_tokenizer,
         read_corpus_texts,
         read_run_args,
+    )
+    from datasteer.evaluate import (
+        evaluate_run as score_eval_sets,
     )
 
     torch.set_num_threads(1)  # one thread per worker, as the training subprocesses
@@ -286,7 +288,7 @@ def evaluate_run(exp: Experiment, arm: Arm, seed: int) -> dict[str, Any]:
         names = {f"{d}_sft_eval": d for d in DOMAINS}
         args = read_run_args(config, [f"eval_dataset={','.join(names)}"])
         sets = load_run_eval_sets(args, tokenizer)
-        losses = {names[n]: r.loss for n, r in evaluate_run(model, sets).items()}
+        losses = {names[n]: r.loss for n, r in score_eval_sets(model, sets).items()}
     accuracy = on_text["arithmetic"].accuracy
     assert accuracy is not None
     wall = json.loads((out / "wall.json").read_text())["seconds"] if (out / "wall.json").is_file() else math.nan

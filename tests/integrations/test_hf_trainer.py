@@ -70,8 +70,10 @@ def run(
     resume: str | None = None,
     workers: int = 0,
     eval_dataset=None,
+    **args: Any,
 ) -> RecordingTrainer:
-    args = training_args(
+    """The tiny steered run; ``args`` are more ``TrainingArguments`` (e.g. a learning rate)."""
+    arguments = training_args(
         out,
         per_device_train_batch_size=bs,
         gradient_accumulation_steps=ga,
@@ -79,10 +81,11 @@ def run(
         logging_steps=1,
         save_steps=save_steps,
         dataloader_num_workers=workers,
+        **args,
     )
     trainer = RecordingTrainer(
         model=make_model(),
-        args=args,
+        args=arguments,
         train_dataset=dataset if dataset is not None else make_dataset(),
         eval_dataset=eval_dataset,
         data_collator=default_data_collator,
@@ -630,18 +633,7 @@ def test_the_trainers_own_log_keeps_every_step_and_carries_the_steering_numbers(
 
 def diverging_run(out: Path, steering: dict[str, Any], max_steps: int = 8, **kwargs: Any) -> RecordingTrainer:
     """The tiny run at learning rate 1e4: its loss is NaN from step 3 on."""
-    args = training_args(
-        out, per_device_train_batch_size=4, max_steps=max_steps, logging_steps=1, learning_rate=1e4, **kwargs
-    )
-    trainer = RecordingTrainer(
-        model=make_model(),
-        args=args,
-        train_dataset=make_dataset(),
-        data_collator=default_data_collator,
-        steering=steering,
-    )
-    trainer.train()
-    return trainer
+    return run(out, steering, bs=4, ga=1, max_steps=max_steps, learning_rate=1e4, **kwargs)
 
 
 @pytest.mark.parametrize(
