@@ -203,6 +203,16 @@ def test_eval_reads_the_run_arguments_saved_in_the_output_dir(
     assert list(table_of(capsys.readouterr().out)) == ["domain", "prose", "mean"]
 
 
+def test_eval_of_a_run_that_evaluated_each_dataset_apart(
+    tiny_run: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """eval_on_each_dataset: true made LLaMA-Factory hand back a dict of sets (an AttributeError)."""
+    pytest.importorskip("llamafactory")
+    argv = ["eval", str(tiny_run["lora"]), "--config", str(tiny_run["run"]), "eval_dataset=qa_eval"]
+    assert main([*argv, "eval_on_each_dataset=true"]) == 0
+    assert list(table_of(capsys.readouterr().out)) == ["domain", "qa_eval", "mean"]
+
+
 def test_eval_of_a_run_whose_config_names_no_eval_sets_scores_the_corpus(
     tiny_run: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
