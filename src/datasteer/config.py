@@ -195,19 +195,6 @@ class StageConfig:
             raise ConfigError(f"max_updates: must be >= 1 or null, got {self.max_updates}")
 
 
-def _check_run_keys(lag: int | None, log_file: str, max_nonfinite_steps: int) -> None:
-    if max_nonfinite_steps < 0:
-        raise ConfigError(f"max_nonfinite_steps: must be >= 0 (0: never stop), got {max_nonfinite_steps}")
-    if lag is not None and lag < 1:
-        raise ConfigError(f"lag: must be >= 1 (a plan cannot shape a batch already drawn), got {lag}")
-    # The record is replaced at the start of every fresh run: it must stay inside output_dir.
-    path = Path(log_file)
-    if not log_file.strip() or path.is_absolute() or ".." in path.parts or log_file.endswith(("/", "\\")):
-        raise ConfigError(
-            f"log_file: {log_file!r} must be a file name relative to output_dir, without '..' (a fresh run replaces it)"
-        )
-
-
 _SEED_HELP = "Seed of every steering draw; default: the training seed."
 _LAG_HELP = (
     "Steps between deciding an update and the first step it shapes; default: what the data "
@@ -220,22 +207,46 @@ _NONFINITE_HELP = (
 )
 
 
+_SCORING_HELP = (
+    "Rows per batch of the scoring passes (losses, embeddings, gradient features); default: "
+    "per_device_eval_batch_size. Rows are sorted by length first, so batches carry little padding."
+)
+
+
 @dataclass
 class _RunKeys:
-    """Keys of the staged ``datasteer:`` block shared by every stage."""
+    """Keys of the ``datasteer:`` block that apply to the whole run (every stage)."""
 
     seed: int | None = doc(_SEED_HELP, default=None)
     lag: int | None = doc(_LAG_HELP, default=None)
     log_file: str = doc(_LOG_HELP, default="steering.jsonl")
     max_nonfinite_steps: int = doc(_NONFINITE_HELP, default=3)
+    scoring_batch_size: int | None = doc(_SCORING_HELP, default=None)
 
     def __post_init__(self) -> None:
-        _check_run_keys(self.lag, self.log_file, self.max_nonfinite_steps)
+        if self.max_nonfinite_steps < 0:
+            raise ConfigError(f"max_nonfinite_steps: must be >= 0 (0: never stop), got {self.max_nonfinite_steps}")
+        if self.lag is not None and self.lag < 1:
+            raise ConfigError(f"lag: must be >= 1 (a plan cannot shape a batch already drawn), got {self.lag}")
+        if self.scoring_batch_size is not None and self.scoring_batch_size < 1:
+            raise ConfigError(f"scoring_batch_size: must be >= 1 or null, got {self.scoring_batch_size}")
+        # The record is replaced at the start of every fresh run: it must stay inside output_dir.
+        path = Path(self.log_file)
+        log_file = self.log_file
+        if not log_file.strip() or path.is_absolute() or ".." in path.parts or log_file.endswith(("/", "\\")):
+            raise ConfigError(
+                f"log_file: {log_file!r} must be a file name relative to output_dir, without '..' "
+                "(a fresh run replaces it)"
+            )
+
+    def run_keys(self) -> dict[str, Any]:
+        """These keys as keyword arguments (of :class:`SteeringConfig`)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(_RunKeys)}
 
 
 @dataclass
-class _SingleStage:
-    """The one-paradigm form of the block: ``paradigm:`` plus one stage's keys."""
+class _SingleStageKeys:
+    """The stage keys of the one-paradigm form."""
 
     paradigm: Literal["select", "mix", "weight"] = doc("Which paradigm steers the run.", default="mix")
     algorithm: str = doc("Registry name of the algorithm (see `datasteer list`).", default="")
@@ -243,30 +254,19 @@ class _SingleStage:
     warmup_steps: int = doc("Optimizer steps trained before the first update.", default=0)
     update_every: int = doc("Optimizer steps between updates (select and mix).", default=1)
     max_updates: int | None = doc("Stop updating after this many updates; the last stays in force.", default=None)
-    seed: int | None = doc(_SEED_HELP, default=None)
-    lag: int | None = doc(_LAG_HELP, default=None)
-    log_file: str = doc(_LOG_HELP, default="steering.jsonl")
-    max_nonfinite_steps: int = doc(_NONFINITE_HELP, default=3)
-
-    def __post_init__(self) -> None:
-        _check_run_keys(self.lag, self.log_file, self.max_nonfinite_steps)
 
 
+@dataclass
+class _SingleStage(_RunKeys, _SingleStageKeys):
+    """The one-paradigm form of the block: ``paradigm:``, one stage's keys, then the run's."""
+
+
+#: Keys that apply to the whole run, in both forms of the block.
+RUN_KEYS = tuple(f.name for f in dataclasses.fields(_RunKeys))
 #: Keys of the one-paradigm form, in the order error messages list them.
-SINGLE_KEYS = (
-    "paradigm",
-    "algorithm",
-    "params",
-    "warmup_steps",
-    "update_every",
-    "max_updates",
-    "seed",
-    "lag",
-    "log_file",
-    "max_nonfinite_steps",
-)
+SINGLE_KEYS = ("paradigm", "algorithm", "params", "warmup_steps", "update_every", "max_updates", *RUN_KEYS)
 #: Keys of the staged form.
-STAGED_KEYS = (*PARADIGMS, "seed", "lag", "log_file", "max_nonfinite_steps")
+STAGED_KEYS = (*PARADIGMS, *RUN_KEYS)
 
 
 @dataclass
@@ -281,6 +281,7 @@ class SteeringConfig:
     lag: int | None = None
     log_file: str = "steering.jsonl"
     max_nonfinite_steps: int = 3
+    scoring_batch_size: int | None = None
 
     @property
     def paradigms(self) -> tuple[str, ...]:
@@ -339,9 +340,7 @@ def load_steering(data: Any, where: str = "datasteer") -> SteeringConfig:
             raise ConfigError(f"{where}.algorithm: required key is missing")
         stage_raw = {k: raw[k] for k in ("algorithm", "warmup_steps", "update_every", "max_updates") if k in raw}
         stage = _parse_stage(single.paradigm, {**stage_raw, "params": raw_params}, where)
-        return SteeringConfig(
-            {single.paradigm: stage}, single.seed, single.lag, single.log_file, single.max_nonfinite_steps
-        )
+        return SteeringConfig({single.paradigm: stage}, **single.run_keys())
     flat = [k for k in raw if k in SINGLE_KEYS and k not in STAGED_KEYS]
     if flat:
         raise ConfigError(
@@ -355,7 +354,7 @@ def load_steering(data: Any, where: str = "datasteer") -> SteeringConfig:
             raise ConfigError(f"{where}.{paradigm}: expected a mapping with 'algorithm' (and params, schedule)")
         stages[paradigm] = _parse_stage(paradigm, block, f"{where}.{paradigm}")
     run = parse_dataclass(_RunKeys, raw, where)
-    return SteeringConfig(stages, run.seed, run.lag, run.log_file, run.max_nonfinite_steps)
+    return SteeringConfig(stages, **run.run_keys())
 
 
 #: A float written without a dot (``1e-4``): YAML 1.1 reads it as a string, YAML 1.2 as a float.

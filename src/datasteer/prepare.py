@@ -265,6 +265,6 @@ def prepare(kind: str, args: dict[str, Any], steering: SteeringPlan | None) -> P
         targets=targets,
         model=model,
         tokenizer=tokenizer,
-        batch_size=training_args.per_device_eval_batch_size,
+        batch_size=steering.config.scoring_batch_size or training_args.per_device_eval_batch_size,
         notes=notes,
     )

@@ -352,7 +352,9 @@ class SteeringMixin:
     # -- used by the callback ---------------------------------------------------------------
     def _steering_ops(self, dataloader: Any, optimizer: Any = None) -> ModelOps:
         trainer: Any = self
-        size, device = trainer.args.per_device_eval_batch_size, trainer.args.device
+        plan = self.steering_plan
+        size = (plan.config.scoring_batch_size if plan else None) or trainer.args.per_device_eval_batch_size
+        device = trainer.args.device
         if self._steering_targets is None:
             evals = trainer.eval_dataset
             names = list(evals) if isinstance(evals, Mapping) else ([None] if evals is not None else [])

@@ -15,6 +15,7 @@ import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -47,6 +48,52 @@ class _Rows:
         return self.base[self.indices[i]]
 
 
+def row_lengths(dataset: Any, indices: Sequence[int]) -> list[int]:
+    """Token count (``len(input_ids)``) of rows ``indices``.
+
+    A ``datasets.Dataset`` (or a row view of one) is read from its Arrow column, without
+    decoding a row; anything else one row at a time.
+    """
+    if isinstance(dataset, _Rows):
+        return row_lengths(dataset.base, [dataset.indices[i] for i in indices])
+    lengths = _arrow_lengths(dataset)
+    if lengths is not None:
+        return lengths[np.asarray(indices, dtype=np.int64)].tolist() if len(indices) else []
+    return [len(dataset[i]["input_ids"]) for i in indices]
+
+
+def _arrow_lengths(dataset: Any) -> np.ndarray | None:
+    """Length of every row's ``input_ids`` of a ``datasets.Dataset`` in its own row order, or
+    ``None`` for anything else."""
+    try:
+        import pyarrow.compute as pc
+        from datasets import Dataset
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        return None
+    if not isinstance(dataset, Dataset) or "input_ids" not in dataset.column_names:
+        return None
+    lengths = pc.list_value_length(dataset.data.column("input_ids")).to_numpy(zero_copy_only=False)
+    mapping = dataset._indices  # rows of a select/shuffle: a column of positions in the table
+    return lengths if mapping is None else lengths[mapping.column(0).to_numpy()]
+
+
+class _Batches:
+    """Collated batches of some pool rows: iterable, with a length (for progress totals)."""
+
+    def __init__(self, ops: ModelOps, rows: list[list[int]]) -> None:
+        self.ops = ops
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for chunk in self.rows:
+            batch = self.ops.collator([self.ops.dataset[i] for i in chunk])
+            batch.pop(INDEX_KEY, None)
+            yield batch
+
+
 class ModelOps:
     """Batched passes of the live model over pool samples, for algorithms that need them.
 
@@ -59,6 +106,9 @@ class ModelOps:
         targets: the target (evaluation) sets, each bound to its own rows and collator.
         optimizer: the live optimizer (for optimizer-aware gradient features), if any.
         name: the data set's name (an evaluation set's key, e.g. a domain), if it has one.
+
+    Each rank's rows are taken longest first, so that a batch holds rows of about one
+    length and the collator pads little (the results come back in the order asked for).
     """
 
     def __init__(
@@ -107,29 +157,40 @@ class ModelOps:
         start, stop = dist.shard_bounds(len(idx))
         return idx[start:stop], len(idx)
 
-    def batches(self, indices: Sequence[int]) -> Iterator[dict[str, Any]]:
-        """Collated batches of the given pool rows, without the steering index."""
-        for start in range(0, len(indices), self.batch_size):
-            batch = self.collator([self.dataset[i] for i in indices[start : start + self.batch_size]])
-            batch.pop(INDEX_KEY, None)
-            yield batch
+    def batches(self, indices: Sequence[int]) -> _Batches:
+        """Collated batches of the given pool rows, in that order, without the steering index."""
+        rows = list(indices)
+        return _Batches(self, [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)])
 
-    def _rank_batches(self, mine: list[int], indices: Sequence[int] | torch.Tensor) -> Iterator[dict[str, Any]]:
+    def _rank_batches(self, mine: list[int], indices: Sequence[int] | torch.Tensor) -> _Batches:
         """This rank's batches, then dummy batches of one row (results to be dropped).
 
         Sharded parameters: as many dummies as make every rank's batch count equal (their
         gathers are collective). Otherwise one dummy only when the share is empty, so that
         the caller still learns the width of a row.
         """
-        yield from self.batches(mine)
-        own = -(-len(mine) // self.batch_size)
+        batches = self.batches(mine)
         if param_sharding(self.model) != "none":
-            need = padded_batch_count(len(indices), dist.world_size(), self.batch_size) - own
+            need = padded_batch_count(len(indices), dist.world_size(), self.batch_size) - len(batches)
         else:
             need = 0 if mine or len(indices) == 0 else 1
         filler = (mine or torch.as_tensor(indices, dtype=torch.long).tolist())[:1]
-        for _ in range(need):
-            yield from self.batches(filler)
+        batches.rows.extend([filler] * need)
+        return batches
+
+    def _per_row(
+        self, indices: Sequence[int] | torch.Tensor, compute: Callable[[_Batches], torch.Tensor]
+    ) -> torch.Tensor:
+        """``compute`` over this rank's share of ``indices`` (longest rows first, then the
+        dummy batches), its rows put back in the order of ``indices`` and gathered from
+        every rank."""
+        mine, total = self._my_share(indices)
+        lengths = row_lengths(self.dataset, mine)
+        order = sorted(range(len(mine)), key=lambda i: -lengths[i])  # stable: ties keep their order
+        local = compute(self._rank_batches([mine[i] for i in order], indices))[: len(mine)]
+        restored = torch.empty_like(local)
+        restored[torch.as_tensor(order, dtype=torch.long)] = local
+        return dist.gather_rows(restored, total)
 
     def _parameters_for(self, config: GradFeatureConfig) -> contextlib.AbstractContextManager[Any]:
         """Whole parameters for a gradient pass: ``logra`` runs through the engine's own
@@ -143,25 +204,25 @@ class ModelOps:
 
         Returns a float32 CPU tensor in the order of ``indices``, the same on every rank.
         """
-        mine, total = self._my_share(indices)
+        return self._per_row(indices, lambda batches: self._losses(batches, desc))
+
+    def _losses(self, batches: _Batches, desc: str) -> torch.Tensor:
         was_training = self.model.training
         self.model.eval()
-        out = torch.empty(len(mine), dtype=torch.float32)
+        out: list[torch.Tensor] = []
         try:
-            bar = tqdm(total=len(mine), desc=desc, unit="sample", disable=dist.rank() != 0, leave=False)
-            done = 0
-            for batch in self._rank_batches(mine, indices):
-                labels = batch.pop("labels").to(self.device)
-                inputs = {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-                logits = self.model(**inputs).logits
-                losses = per_sample_loss(logits, labels)[0].float().cpu()[: len(mine) - done]
-                out[done : done + len(losses)] = losses
-                done += len(losses)
-                bar.update(len(losses))
-            bar.close()
+            with tqdm(
+                total=sum(map(len, batches.rows)), desc=desc, unit="sample", disable=dist.rank() != 0, leave=False
+            ) as bar:
+                for batch in batches:
+                    labels = batch.pop("labels").to(self.device)
+                    inputs = {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+                    logits = self.model(**inputs).logits
+                    out.append(per_sample_loss(logits, labels)[0].float().cpu())
+                    bar.update(len(labels))
         finally:
             self.model.train(was_training)
-        return dist.gather_rows(out, total)
+        return torch.cat(out) if out else torch.empty(0)
 
     def embeddings(
         self,
@@ -172,10 +233,12 @@ class ModelOps:
         normalize: bool = True,
     ) -> torch.Tensor:
         """Pooled hidden states of each pool sample (see :func:`datasteer.ops.embed`)."""
-        mine, total = self._my_share(indices)
-        batches = self._rank_batches(mine, indices)
-        local = embed(self.model, batches, layer=layer, pooling=pooling, normalize=normalize, device=self.device)
-        return dist.gather_rows(local[: len(mine)], total)
+        return self._per_row(
+            indices,
+            lambda batches: embed(
+                self.model, batches, layer=layer, pooling=pooling, normalize=normalize, device=self.device
+            ),
+        )
 
     def gradient_features(
         self,
@@ -205,20 +268,22 @@ class ModelOps:
                 f"Adam-preconditioned gradient features are not supported with {sharding} sharded parameters "
                 "(the optimizer's moments are partitioned); turn the algorithm's `adam` parameter off"
             )
-        mine, total = self._my_share(indices)
         with self._parameters_for(config):
-            local = grad_features(self.model, self._rank_batches(mine, indices), config, optimizer=optimizer)
-        return dist.gather_rows(local[: len(mine)], total)
+            return self._per_row(
+                indices, lambda batches: grad_features(self.model, batches, config, optimizer=optimizer)
+            )
 
     def expert_loads(
         self, indices: Sequence[int] | torch.Tensor, *, top_k: int | None = None, desc: str = "expert loads"
     ) -> torch.Tensor:
         """Top-k routed-token counts of each sample per MoE layer and expert, ``(n, L, E)``
         (see :func:`datasteer.ops.moe.expert_loads`), the same on every rank."""
-        mine, total = self._my_share(indices)
-        batches = self._rank_batches(mine, indices)
-        local = expert_loads(self.model, batches, top_k=top_k, device=self.device, total=len(mine), desc=desc)
-        return dist.gather_rows(local[: len(mine)], total)
+        return self._per_row(
+            indices,
+            lambda batches: expert_loads(
+                self.model, batches, top_k=top_k, device=self.device, total=sum(map(len, batches.rows)), desc=desc
+            ),
+        )
 
     def policy_gradient_features(
         self,
