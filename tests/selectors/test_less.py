@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +11,7 @@ import torch.nn.functional as F
 from datasteer.config import parse_dataclass
 from datasteer.errors import ConfigError
 from datasteer.rng import torch_generator
+from datasteer.selectors.base import _warn_no_choice
 from datasteer.selectors.less import LessParams, LessSelector
 from tests.factories import select_context
 from tests.fakes import FakeOps, live_optimizer
@@ -85,3 +88,17 @@ def test_feature_rows_that_are_not_finite_are_left_out_of_the_scoring() -> None:
     nothing = FakeOps(gradients=torch.full((12, 5), inf), targets=[FakeOps(gradients=targets)])
     with pytest.raises(NonFiniteInputError, match="no finite gradient feature"):
         LessSelector(LessParams(adam=False)).select(select_context(ops=nothing, num_samples=3))
+
+
+def test_a_selection_that_keeps_every_candidate_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    """Keeping the best 6 of 6 candidates is no choice at all (it once passed silently)."""
+    _warn_no_choice.cache_clear()
+    ops = fake_ops(POOL[:3])
+    selector = LessSelector(LessParams(candidates=6, adam=False))
+    with caplog.at_level(logging.WARNING, logger="datasteer.selectors.base"):
+        selector.select(select_context(ops=ops, num_samples=5))
+        assert not caplog.records
+        chosen = selector.select(select_context(ops=ops, num_samples=6))
+    assert len(chosen) == 6
+    assert "keeps the best 6 of only 6 candidates" in caplog.text
+    assert "raise `candidates` above it" in caplog.text

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -9,6 +11,8 @@ from typing import Any
 import torch
 
 from datasteer.algorithm import Algorithm, UpdateContext
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,11 +34,40 @@ class SelectContext(UpdateContext):
     domains: torch.Tensor
 
 
-def candidate_subset(ctx: SelectContext, size: int | None) -> torch.Tensor:
-    """Pool indices to score this update: all of them, or a fresh sorted random subset of ``size``."""
+def candidate_subset(ctx: SelectContext, size: int | None, *, keeps_top: str | None = None) -> torch.Tensor:
+    """Pool indices to score this update: all of them, or a fresh sorted random subset of ``size``.
+
+    Args:
+        ctx: the update's context.
+        size: candidates to score (``None``: the whole pool).
+        keeps_top: the name of a selector that keeps the ``ctx.num_samples`` best-scored
+            candidates: it is warned (once per setting) when there are not more candidates
+            than that, since the selection then keeps them all and its scores change nothing.
+    """
     if size is None or size >= ctx.pool_size:
-        return torch.arange(ctx.pool_size)
-    return torch.randperm(ctx.pool_size, generator=ctx.generator)[:size].sort().values
+        candidates = torch.arange(ctx.pool_size)
+    else:
+        candidates = torch.randperm(ctx.pool_size, generator=ctx.generator)[:size].sort().values
+    if keeps_top is not None and len(candidates) <= ctx.num_samples:
+        _warn_no_choice(keeps_top, len(candidates), ctx.num_samples, size is not None and size < ctx.pool_size)
+    return candidates
+
+
+@functools.cache
+def _warn_no_choice(name: str, candidates: int, selected: int, subset: bool) -> None:
+    fix = (
+        "raise `candidates` above it"
+        if subset
+        else "the pool (or this domain's share of it) is smaller than the steps need"
+    )
+    logger.warning(
+        "%s: keeps the best %d of only %d candidates, i.e. all of them: the selection does not depend on its "
+        "scores (the selection size is global batch x update_every); %s",
+        name,
+        selected,
+        candidates,
+        fix,
+    )
 
 
 class Selector(Algorithm[Any]):

@@ -144,7 +144,7 @@ class LessSelector(Selector):
         assert ops is not None
         config = p.feature_config()
         targets = target_gradient_features(ops, config, "less")
-        candidates = candidate_subset(ctx, p.candidates)
+        candidates = candidate_subset(ctx, p.candidates, keeps_top="less")
         pool = ops.gradient_features(candidates, config, optimizer=ops.optimizer if p.adam else None)
         scores, left_out = finite_scores(pool, targets)
         self._report = {"nonfinite": left_out}

@@ -170,7 +170,7 @@ class NiceSelector(Selector):
         assert ops is not None
         if not ops.targets:
             raise ConfigError("nice: needs target prompts; give the run an evaluation set (eval_dataset, stage sft)")
-        candidates = candidate_subset(ctx, p.candidates)
+        candidates = candidate_subset(ctx, p.candidates, keeps_top="nice")
         seed = int(torch.randint(0, 2**62, (1,), generator=ctx.generator))
         config = p.feature_config()
         pool = ops.gradient_features(candidates, config, optimizer=ops.optimizer if p.adam else None)
