@@ -31,7 +31,7 @@ def test_top_k_by_mean_cosine_with_the_targets() -> None:
     ops = fake_ops(targets)
     chosen = LessSelector(LessParams()).select(select_context(ops=ops, num_samples=4))
     assert chosen.tolist() == torch.topk(direct_scores(targets), 4).indices.tolist()
-    (call,) = ops.calls_to("gradient_features")
+    (call,) = ops.calls_to("gradient_feature_store")
     assert call.options["optimizer"] is ops.optimizer  # candidates use the Adam-aware features
 
 
@@ -46,7 +46,7 @@ def test_the_best_subtask_counts() -> None:
 def test_candidates_subset_and_no_targets() -> None:
     ops = fake_ops(torch.randn(2, 5, generator=torch_generator(5, "t")))
     chosen = LessSelector(LessParams(candidates=6, adam=False)).select(select_context(ops=ops, num_samples=3))
-    (call,) = ops.calls_to("gradient_features")
+    (call,) = ops.calls_to("gradient_feature_store")
     assert len(call.indices) == 6 and set(chosen.tolist()) <= set(call.indices) and call.options["optimizer"] is None
     with pytest.raises(ConfigError, match="evaluation set"):
         LessSelector(LessParams()).select(select_context(ops=fake_ops(), num_samples=3))
