@@ -85,3 +85,24 @@ def test_feature_rows_that_are_not_finite_are_left_out_of_the_scoring() -> None:
     nothing = FakeOps(gradients=torch.full((12, 5), inf), targets=[FakeOps(gradients=targets)])
     with pytest.raises(NonFiniteInputError, match="no finite gradient feature"):
         LessSelector(LessParams(adam=False)).select(select_context(ops=nothing, num_samples=3))
+
+
+def test_scores_from_a_feature_store_equal_the_in_memory_scores(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from datasteer.ops.feature_store import FeatureStore
+    from datasteer.selectors.less import finite_scores, top_finite
+
+    pool = torch.randn(50, 5, generator=torch_generator(6, "pool"))
+    pool[[3, 40]] = float("nan")
+    targets = [
+        torch.randn(3, 5, generator=torch_generator(7, "t")),
+        torch.randn(2, 5, generator=torch_generator(8, "t")),
+    ]
+    want, want_left_out = finite_scores(pool, targets)
+    # Row by row the same arithmetic; BLAS may pick another kernel for another chunk shape,
+    # so the scores agree to the last float bits and the selection is the same.
+    for rows_per_chunk in (4, 7, 25, 50):
+        with FeatureStore.from_tensor(pool, directory=tmp_path, chunk_bytes=rows_per_chunk * 5 * 4) as store:
+            got, left_out = finite_scores(store, targets)
+        assert got is not None and want is not None and left_out == want_left_out == 2
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+        assert torch.equal(top_finite(got, 20), top_finite(want, 20))

@@ -2,7 +2,11 @@
 
 Every method takes pool indices, gives each rank a contiguous share of them, runs the
 batched operation on that share and gathers the results in index order, so that every
-rank holds the same tensor (computed once, not once per rank).
+rank holds the same tensor (computed once, not once per rank). Pool features too large to
+gather (gradient features, embeddings) are also kept on disk instead:
+:meth:`ModelOps.gradient_feature_store` and :meth:`ModelOps.embedding_store` write each
+rank's rows to its own :class:`~datasteer.ops.feature_store.FeatureStore` as they are
+computed, and the gathering methods are those stores read back.
 
 With sharded parameters (DeepSpeed ZeRO-3, FSDP2; see :mod:`datasteer.ops.sharding`) every
 forward gathers parameters collectively, so every rank runs the same number of batches:
