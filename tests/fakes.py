@@ -17,6 +17,7 @@ from torch import nn
 
 from datasteer.errors import SteeringStateError
 from datasteer.ops.embeddings import Pooling
+from datasteer.ops.feature_store import FeatureStore
 from datasteer.ops.gradients import GradFeatureConfig
 from datasteer.ops.policy_gradient import PolicyGradientFeatures, Sampling
 from datasteer.ops.rewards import RewardFn
@@ -58,8 +59,8 @@ class FakeOps:
 
     Args:
         losses: per-row losses ``(n,)``, for :meth:`sample_losses`.
-        embeddings: ``(n, d)``, for :meth:`embeddings`.
-        gradients: ``(n, d)``, for :meth:`gradient_features`.
+        embeddings: ``(n, d)``, for :meth:`embeddings` and :meth:`embedding_store`.
+        gradients: ``(n, d)``, for :meth:`gradient_features` and :meth:`gradient_feature_store`.
         policy_gradients: ``(n, d)``, for :meth:`policy_gradient_features` (an all-zero row: a
             target without reward signal).
         expert_loads: ``(n, layers, experts)`` counts, for :meth:`expert_loads`.
@@ -118,19 +119,25 @@ class FakeOps:
         self.optimizer = optimizer
         self.name = name
         self.calls: list[Call] = []
+        self._reads: dict[str, int] = {}  # answers read so far, per source
 
     def calls_to(self, method: str) -> list[Call]:
         """The calls of one operation, in order."""
         return [c for c in self.calls if c.method == method]
 
-    def _answer(self, method: str, indices: Sequence[int] | torch.Tensor, **options: Any) -> torch.Tensor:
+    def _answer(
+        self, method: str, indices: Sequence[int] | torch.Tensor, *, source: str | None = None, **options: Any
+    ) -> torch.Tensor:
+        """Rows ``indices`` of the answers of ``source`` (default: ``method``'s own)."""
+        source = source or method
         rows = _rows(indices)
-        done = len(self.calls_to(method))
+        done = self._reads.get(source, 0)
+        self._reads[source] = done + 1
         self.calls.append(Call(method, rows.tolist(), options))
-        rounds = self._answers.get(method)
+        rounds = self._answers.get(source)
         if rounds is None:
-            raise AssertionError(f"FakeOps {self.name or '(pool)'}: the test gave no answers for {method}")
-        if method not in self._per_call:
+            raise AssertionError(f"FakeOps {self.name or '(pool)'}: the test gave no answers for {source}")
+        if source not in self._per_call:
             return rounds[0][rows]
         if done >= len(rounds):
             raise AssertionError(
@@ -167,6 +174,19 @@ class FakeOps:
     ) -> torch.Tensor:
         return self._answer("embeddings", indices, layer=layer, pooling=pooling, normalize=normalize)
 
+    def embedding_store(
+        self,
+        indices: Sequence[int] | torch.Tensor,
+        *,
+        layer: int = -1,
+        pooling: Pooling = "mean",
+        normalize: bool = True,
+    ) -> FeatureStore:
+        rows = self._answer(
+            "embedding_store", indices, source="embeddings", layer=layer, pooling=pooling, normalize=normalize
+        )
+        return FeatureStore.from_tensor(rows)
+
     def target_embeddings(self, *, layer: int = -1, pooling: Pooling = "mean", normalize: bool = True) -> torch.Tensor:
         if not self.targets:
             raise SteeringStateError("this algorithm needs target samples: give the run an evaluation set")
@@ -185,6 +205,18 @@ class FakeOps:
         optimizer: torch.optim.Optimizer | None = None,
     ) -> torch.Tensor:
         return self._answer("gradient_features", indices, config=config, optimizer=optimizer)
+
+    def gradient_feature_store(
+        self,
+        indices: Sequence[int] | torch.Tensor,
+        config: GradFeatureConfig | None = None,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> FeatureStore:
+        rows = self._answer(
+            "gradient_feature_store", indices, source="gradient_features", config=config, optimizer=optimizer
+        )
+        return FeatureStore.from_tensor(rows)
 
     def expert_loads(
         self, indices: Sequence[int] | torch.Tensor, *, top_k: int | None = None, desc: str = "expert loads"

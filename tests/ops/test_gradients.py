@@ -202,3 +202,34 @@ def test_input_require_grads_hooks_do_not_break_vmap(method: str, caplog: pytest
     assert len(model.get_input_embeddings()._forward_hooks) == 2, "the hooks must be restored"
     embeds = model.get_input_embeddings()(torch.tensor([[1, 2]]))
     assert embeds.requires_grad
+
+
+@pytest.mark.parametrize("method", ["vmap", "dense"])
+def test_vmap_chunk_bounds_the_gradients_held_without_changing_the_rows(
+    method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = lora_model()
+    held: list[int] = []
+    real = gf.vmap_grads
+
+    def spy(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> gf.Grads:
+        held.append(labels.shape[0])
+        return real(model, inputs, labels)
+
+    monkeypatch.setattr(gf, "vmap_grads", spy)
+    whole = grad_features(model, batches(), GradFeatureConfig(method=method, proj_dim=PROJ, vmap_chunk=None))  # type: ignore[arg-type]
+    assert held == [3, 3]
+    held.clear()
+    sliced = grad_features(model, batches(), GradFeatureConfig(method=method, proj_dim=PROJ, vmap_chunk=2))  # type: ignore[arg-type]
+    assert held == [2, 1, 2, 1]  # never more than vmap_chunk per-sample gradients at a time
+    torch.testing.assert_close(sliced, whole, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="vmap_chunk must be >= 1"):
+        GradFeatureConfig(vmap_chunk=0)
+
+
+def test_features_batch_by_batch_equal_the_whole_matrix() -> None:
+    config = GradFeatureConfig(method="logra", proj_dim=PROJ)
+    model = lora_model()
+    blocks = list(gf.iter_grad_features(model, batches(), config))
+    assert [len(b) for b in blocks] == [3, 3]
+    assert torch.equal(torch.cat(blocks), grad_features(model, batches(), config))

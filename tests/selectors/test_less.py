@@ -34,7 +34,7 @@ def test_top_k_by_mean_cosine_with_the_targets() -> None:
     ops = fake_ops(targets)
     chosen = LessSelector(LessParams()).select(select_context(ops=ops, num_samples=4))
     assert chosen.tolist() == torch.topk(direct_scores(targets), 4).indices.tolist()
-    (call,) = ops.calls_to("gradient_features")
+    (call,) = ops.calls_to("gradient_feature_store")
     assert call.options["optimizer"] is ops.optimizer  # candidates use the Adam-aware features
 
 
@@ -49,7 +49,7 @@ def test_the_best_subtask_counts() -> None:
 def test_candidates_subset_and_no_targets() -> None:
     ops = fake_ops(torch.randn(2, 5, generator=torch_generator(5, "t")))
     chosen = LessSelector(LessParams(candidates=6, adam=False)).select(select_context(ops=ops, num_samples=3))
-    (call,) = ops.calls_to("gradient_features")
+    (call,) = ops.calls_to("gradient_feature_store")
     assert len(call.indices) == 6 and set(chosen.tolist()) <= set(call.indices) and call.options["optimizer"] is None
     with pytest.raises(ConfigError, match="evaluation set"):
         LessSelector(LessParams()).select(select_context(ops=fake_ops(), num_samples=3))
@@ -102,3 +102,24 @@ def test_a_selection_that_keeps_every_candidate_is_warned_about(caplog: pytest.L
     assert len(chosen) == 6
     assert "keeps the best 6 of only 6 candidates" in caplog.text
     assert "raise `candidates` above it" in caplog.text
+
+
+def test_scores_from_a_feature_store_equal_the_in_memory_scores(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from datasteer.ops.feature_store import FeatureStore
+    from datasteer.selectors.less import finite_scores, top_finite
+
+    pool = torch.randn(50, 5, generator=torch_generator(6, "pool"))
+    pool[[3, 40]] = float("nan")
+    targets = [
+        torch.randn(3, 5, generator=torch_generator(7, "t")),
+        torch.randn(2, 5, generator=torch_generator(8, "t")),
+    ]
+    want, want_left_out = finite_scores(pool, targets)
+    # Row by row the same arithmetic; BLAS may pick another kernel for another chunk shape,
+    # so the scores agree to the last float bits and the selection is the same.
+    for rows_per_chunk in (4, 7, 25, 50):
+        with FeatureStore.from_tensor(pool, directory=tmp_path, chunk_bytes=rows_per_chunk * 5 * 4) as store:
+            got, left_out = finite_scores(store, targets)
+        assert got is not None and want is not None and left_out == want_left_out == 2
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+        assert torch.equal(top_finite(got, 20), top_finite(want, 20))

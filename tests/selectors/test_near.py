@@ -33,7 +33,7 @@ def test_round_robin_over_neighbour_lists_moves_down_at_each_update() -> None:
     # rank-major order of the lists [0, 1, 2, 6] and [3, 4, 7, 6]: 0, 3, 1, 4, 2, 7, 6, (6)
     assert near.select(select_context(ops=ops, num_samples=3, update=0)).tolist() == [0, 3, 1]
     assert near.select(select_context(ops=ops, num_samples=3, update=1)).tolist() == [4, 2, 7]
-    assert len(ops.calls_to("embeddings")) == 1  # embedded once (refresh: false)
+    assert len(ops.calls_to("embedding_store")) == 1  # embedded once (refresh: false)
     # 6 ends the lists; only sample 5 was never used, fewer than the 2 still needed, so a new
     # round starts and the rest are drawn at random, never repeating this update's picks.
     third = near.select(select_context(ops=ops, num_samples=3, update=2)).tolist()
@@ -53,7 +53,7 @@ def test_refresh_re_embeds_every_update() -> None:
     near = NearSelector(NearParams(neighbours=2, refresh=True))
     near.select(select_context(ops=ops, num_samples=2, update=0))
     near.select(select_context(ops=ops, num_samples=2, update=1))
-    assert len(ops.calls_to("embeddings")) == 2
+    assert len(ops.calls_to("embedding_store")) == 2
 
 
 def test_refreshed_lists_start_from_their_best_unused_neighbours() -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,7 +58,53 @@ def _accepts(module: nn.Module, name: str) -> bool:
         return False
 
 
-@torch.no_grad()
+def iter_embed(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    *,
+    layer: int = -1,
+    pooling: Pooling = "mean",
+    normalize: bool = True,
+    device: torch.device | None = None,
+    desc: str = "embeddings",
+) -> Iterator[torch.Tensor]:
+    """Pooled hidden states of each batch in ``batches``, one ``(b, h)`` float32 CPU block at a time.
+
+    The arguments are :func:`embed`'s; a caller can write each block out without holding
+    them all. The model is in eval mode between yields.
+    """
+    if device is None:
+        device = next(model.parameters()).device
+    extra: dict[str, Any] = {}
+    # A causal LM would otherwise materialise (b, T, vocab) logits that we throw away.
+    if _accepts(model, "logits_to_keep"):
+        extra["logits_to_keep"] = 1
+    total = len(batches) if isinstance(batches, Sequence) else None
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in tqdm(batches, total=total, desc=desc, unit="batch", disable=dist.rank() != 0, leave=False):
+            with torch.no_grad():
+                input_ids = batch["input_ids"].to(device)
+                mask = batch.get("attention_mask")
+                mask = torch.ones_like(input_ids) if mask is None else mask.to(device)
+                positions = batch.get("position_ids")
+                positions = (mask.long().cumsum(1) - 1).clamp_min(0) if positions is None else positions.to(device)
+                outputs = model(
+                    input_ids=input_ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    output_hidden_states=True,
+                    use_cache=False,
+                    **extra,
+                )
+                pooled = pool(outputs.hidden_states[layer], mask, pooling)
+                rows = (F.normalize(pooled, dim=1) if normalize else pooled).cpu()
+            yield rows
+    finally:
+        model.train(was_training)
+
+
 def embed(
     model: nn.Module,
     batches: Iterable[Mapping[str, Any]],
@@ -85,35 +131,7 @@ def embed(
     Returns:
         ``(n, h)`` float32 CPU tensor. Pass one rank's batches to embed its share.
     """
-    if device is None:
-        device = next(model.parameters()).device
-    extra: dict[str, Any] = {}
-    # A causal LM would otherwise materialise (b, T, vocab) logits that we throw away.
-    if _accepts(model, "logits_to_keep"):
-        extra["logits_to_keep"] = 1
-    total = len(batches) if isinstance(batches, Sequence) else None
-    was_training = model.training
-    model.eval()
-    out: list[torch.Tensor] = []
-    try:
-        for batch in tqdm(batches, total=total, desc=desc, unit="batch", disable=dist.rank() != 0, leave=False):
-            input_ids = batch["input_ids"].to(device)
-            mask = batch.get("attention_mask")
-            mask = torch.ones_like(input_ids) if mask is None else mask.to(device)
-            positions = batch.get("position_ids")
-            positions = (mask.long().cumsum(1) - 1).clamp_min(0) if positions is None else positions.to(device)
-            outputs = model(
-                input_ids=input_ids,
-                attention_mask=mask,
-                position_ids=positions,
-                output_hidden_states=True,
-                use_cache=False,
-                **extra,
-            )
-            pooled = pool(outputs.hidden_states[layer], mask, pooling)
-            out.append((F.normalize(pooled, dim=1) if normalize else pooled).cpu())
-    finally:
-        model.train(was_training)
+    out = list(iter_embed(model, batches, layer=layer, pooling=pooling, normalize=normalize, device=device, desc=desc))
     if not out:
         raise ValueError("embed() got no batches")
     return torch.cat(out)

@@ -75,6 +75,9 @@ from datasteer.ops.projection import (
 logger = logging.getLogger(__name__)
 
 GradMethod = Literal["vmap", "loop", "logra", "dense"]
+
+#: Per-sample gradients that ``vmap``/``dense`` materialise at a time, by default.
+DEFAULT_VMAP_CHUNK = 8
 Grads = dict[str, torch.Tensor]
 
 
@@ -91,6 +94,10 @@ class GradFeatureConfig:
         chunk_rows: rows of the streaming projection generated at a time.
         logra_dims: ``(k_in, k_out)`` per linear layer for ``logra``; ``None`` derives
             ``k_in = k_out = isqrt(proj_dim // L)``.
+        vmap_chunk: samples whose per-sample gradients ``vmap``/``dense`` materialise at a
+            time (each batch is cut into slices of this many, projected one after the
+            other), so their memory is about ``vmap_chunk`` x the trainable parameters
+            whatever the batch size; ``None``: the whole batch at once.
     """
 
     method: GradMethod = "vmap"
@@ -100,12 +107,15 @@ class GradFeatureConfig:
     normalize: bool = True
     chunk_rows: int = DEFAULT_CHUNK_ROWS
     logra_dims: tuple[int, int] | None = None
+    vmap_chunk: int | None = DEFAULT_VMAP_CHUNK
 
     def __post_init__(self) -> None:
         if self.method not in ("vmap", "loop", "logra", "dense"):
             raise ValueError(f"method must be one of vmap, loop, logra, dense; got {self.method!r}")
         if self.proj_dim < 1:
             raise ValueError(f"proj_dim must be >= 1, got {self.proj_dim}")
+        if self.vmap_chunk is not None and self.vmap_chunk < 1:
+            raise ValueError(f"vmap_chunk must be >= 1 or None, got {self.vmap_chunk}")
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -285,11 +295,19 @@ def _batched_features(
             g = adam_transform(g, model, optimizer) if optimizer is not None else g
             rows.append(layout.project(g, projection))
         return torch.cat(rows)
-    grads = vmap_grads(model, inputs, labels)
-    grads = adam_transform(grads, model, optimizer) if optimizer is not None else grads
-    if config.method == "dense":
-        return projection.project(layout.flatten(grads).float())
-    return layout.project(grads, projection)
+    n = labels.shape[0]
+    step = n if config.vmap_chunk is None else config.vmap_chunk
+    rows = []
+    for start in range(0, n, step):
+        part = {k: v[start : start + step] for k, v in inputs.items()}
+        grads = vmap_grads(model, part, labels[start : start + step])
+        grads = adam_transform(grads, model, optimizer) if optimizer is not None else grads
+        if config.method == "dense":
+            rows.append(projection.project(layout.flatten(grads).float()))
+        else:
+            rows.append(layout.project(grads, projection))
+        del grads  # the next slice's gradients take their place
+    return torch.cat(rows)
 
 
 #: Names of the embedding forward hooks that transformers (``enable_input_require_grads``) and
@@ -326,6 +344,57 @@ def input_grad_hooks_paused(model: nn.Module) -> Iterator[None]:
             module._forward_hooks.update(hooks)
 
 
+def iter_grad_features(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    config: GradFeatureConfig | None = None,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    desc: str = "gradient features",
+) -> Iterator[torch.Tensor]:
+    """Projected per-sample gradient features of each batch in ``batches``, one batch at a time.
+
+    The arguments are :func:`grad_features`'s. Each yield is the ``(b, k)`` float32 CPU
+    rows of one batch (normalised row by row under ``config.normalize``), so a caller can
+    write them out without holding them all. The model is in eval mode between yields.
+    """
+    config = config or GradFeatureConfig()
+    if optimizer is not None and config.method == "logra":
+        raise ValueError("logra cannot be Adam-preconditioned (elementwise on the full gradient); use vmap or loop")
+    params = trainable_parameters(model)
+    device = next(iter(params.values())).device
+    layout = ParamLayout.from_named(params.items())
+    projection = StreamingProjection(config.proj_dim, config.seed, config.projection, config.chunk_rows)
+    layers = logra_projections(model, config) if config.method == "logra" else []
+    method = config.method
+    was_training = model.training
+    model.eval()
+    try:
+        total = len(batches) if isinstance(batches, Sized) else None
+        paused = input_grad_hooks_paused(model) if method in ("vmap", "dense") else contextlib.nullcontext()
+        with paused:
+            for batch in tqdm(batches, total=total, desc=desc, disable=dist.rank() != 0, leave=False):
+                with torch.enable_grad():
+                    inputs, labels = split_batch(batch, device)
+                    if method == "logra":
+                        feats = logra_batch_features(model, inputs, labels, layers)
+                    else:
+                        try:
+                            feats = _batched_features(model, inputs, labels, config, optimizer, layout, projection)
+                        except RuntimeError as err:
+                            if method == "loop":
+                                raise
+                            logger.warning("%s gradients failed (%s); falling back to the loop method", method, err)
+                            method = "loop"
+                            config = GradFeatureConfig(**{**config.__dict__, "method": "loop"})
+                            feats = _batched_features(model, inputs, labels, config, optimizer, layout, projection)
+                    rows = feats.detach().float().cpu()
+                # Row by row, so a batch's rows equal those of the whole matrix normalised at once.
+                yield torch.nn.functional.normalize(rows, dim=1) if config.normalize else rows
+    finally:
+        model.train(was_training)
+
+
 def grad_features(
     model: nn.Module,
     batches: Iterable[Mapping[str, Any]],
@@ -335,6 +404,8 @@ def grad_features(
     desc: str = "gradient features",
 ) -> torch.Tensor:
     """Projected per-sample gradient features of every sample in ``batches``.
+
+    Holds every row; :func:`iter_grad_features` yields them batch by batch instead.
 
     Args:
         model: the live model (HF causal LM, with or without a peft adapter).
@@ -349,37 +420,8 @@ def grad_features(
         ``(n, k)`` float32 CPU tensor, rows in batch order.
     """
     config = config or GradFeatureConfig()
-    if optimizer is not None and config.method == "logra":
-        raise ValueError("logra cannot be Adam-preconditioned (elementwise on the full gradient); use vmap or loop")
-    params = trainable_parameters(model)
-    device = next(iter(params.values())).device
-    layout = ParamLayout.from_named(params.items())
-    projection = StreamingProjection(config.proj_dim, config.seed, config.projection, config.chunk_rows)
-    layers = logra_projections(model, config) if config.method == "logra" else []
-    method = config.method
-    rows: list[torch.Tensor] = []
-    was_training = model.training
-    model.eval()
-    try:
-        total = len(batches) if isinstance(batches, Sized) else None
-        paused = input_grad_hooks_paused(model) if method in ("vmap", "dense") else contextlib.nullcontext()
-        with torch.enable_grad(), paused:
-            for batch in tqdm(batches, total=total, desc=desc, disable=dist.rank() != 0, leave=False):
-                inputs, labels = split_batch(batch, device)
-                if method == "logra":
-                    feats = logra_batch_features(model, inputs, labels, layers)
-                else:
-                    try:
-                        feats = _batched_features(model, inputs, labels, config, optimizer, layout, projection)
-                    except RuntimeError as err:
-                        if method == "loop":
-                            raise
-                        logger.warning("%s gradients failed (%s); falling back to the loop method", method, err)
-                        method = "loop"
-                        config = GradFeatureConfig(**{**config.__dict__, "method": "loop"})
-                        feats = _batched_features(model, inputs, labels, config, optimizer, layout, projection)
-                rows.append(feats.detach().float().cpu())
-    finally:
-        model.train(was_training)
-    out = torch.cat(rows) if rows else torch.empty(0, projection.out_dim)
-    return torch.nn.functional.normalize(out, dim=1) if config.normalize else out
+    rows = list(iter_grad_features(model, batches, config, optimizer=optimizer, desc=desc))
+    if rows:
+        return torch.cat(rows)
+    width = StreamingProjection(config.proj_dim, config.seed, config.projection, config.chunk_rows).out_dim
+    return torch.empty(0, width)

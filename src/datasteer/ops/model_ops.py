@@ -2,7 +2,11 @@
 
 Every method takes pool indices, gives each rank a contiguous share of them, runs the
 batched operation on that share and gathers the results in index order, so that every
-rank holds the same tensor (computed once, not once per rank).
+rank holds the same tensor (computed once, not once per rank). Pool features too large to
+gather (gradient features, embeddings) are also kept on disk instead:
+:meth:`ModelOps.gradient_feature_store` and :meth:`ModelOps.embedding_store` write each
+rank's rows to its own :class:`~datasteer.ops.feature_store.FeatureStore` as they are
+computed, and the gathering methods are those stores read back.
 
 With sharded parameters (DeepSpeed ZeRO-3, FSDP2; see :mod:`datasteer.ops.sharding`) every
 forward gathers parameters collectively, so every rank runs the same number of batches:
@@ -22,8 +26,9 @@ from tqdm.auto import tqdm
 
 from datasteer import dist
 from datasteer.errors import ConfigError, SteeringStateError
-from datasteer.ops.embeddings import Pooling, embed
-from datasteer.ops.gradients import GradFeatureConfig, grad_features
+from datasteer.ops.embeddings import Pooling, iter_embed
+from datasteer.ops.feature_store import FeatureStore
+from datasteer.ops.gradients import GradFeatureConfig, iter_grad_features
 from datasteer.ops.keys import INDEX_KEY
 from datasteer.ops.losses import per_sample_loss
 from datasteer.ops.moe import expert_loads
@@ -106,6 +111,8 @@ class ModelOps:
         targets: the target (evaluation) sets, each bound to its own rows and collator.
         optimizer: the live optimizer (for optimizer-aware gradient features), if any.
         name: the data set's name (an evaluation set's key, e.g. a domain), if it has one.
+        scratch_dir: where feature stores (:class:`~datasteer.ops.feature_store.FeatureStore`)
+            make their temporary directories (``None``: the system's temporary directory).
 
     Each rank's rows are taken longest first, so that a batch holds rows of about one
     length and the collator pads little (the results come back in the order asked for).
@@ -121,6 +128,7 @@ class ModelOps:
         targets: Sequence[ModelOps] = (),
         optimizer: torch.optim.Optimizer | None = None,
         name: str | None = None,
+        scratch_dir: str | None = None,
     ) -> None:
         self.model = model
         self.dataset = dataset
@@ -130,13 +138,22 @@ class ModelOps:
         self.targets = tuple(targets)
         self.optimizer = optimizer
         self.name = name
+        self.scratch_dir = scratch_dir
 
     def subset(self, indices: Sequence[int] | torch.Tensor) -> ModelOps:
         """The same operations over rows ``indices`` of the pool, renumbered from 0 (the
         targets and optimizer are shared)."""
         rows = _Rows(self.dataset, torch.as_tensor(indices, dtype=torch.long).tolist())
         return ModelOps(
-            self.model, rows, self.collator, self.batch_size, self.device, self.targets, self.optimizer, self.name
+            self.model,
+            rows,
+            self.collator,
+            self.batch_size,
+            self.device,
+            self.targets,
+            self.optimizer,
+            self.name,
+            self.scratch_dir,
         )
 
     def target_embeddings(self, *, layer: int = -1, pooling: Pooling = "mean", normalize: bool = True) -> torch.Tensor:
@@ -184,13 +201,19 @@ class ModelOps:
         """``compute`` over this rank's share of ``indices`` (longest rows first, then the
         dummy batches), its rows put back in the order of ``indices`` and gathered from
         every rank."""
-        mine, total = self._my_share(indices)
-        lengths = row_lengths(self.dataset, mine)
-        order = sorted(range(len(mine)), key=lambda i: -lengths[i])  # stable: ties keep their order
-        local = compute(self._rank_batches([mine[i] for i in order], indices))[: len(mine)]
+        rows, order = self._longest_first(indices)
+        local = compute(self._rank_batches(rows, indices))[: len(rows)]
         restored = torch.empty_like(local)
         restored[torch.as_tensor(order, dtype=torch.long)] = local
-        return dist.gather_rows(restored, total)
+        return dist.gather_rows(restored, len(indices))
+
+    def _longest_first(self, indices: Sequence[int] | torch.Tensor) -> tuple[list[int], list[int]]:
+        """This rank's share of ``indices``, longest rows first, and where each came from:
+        ``rows[i]`` is ``share[order[i]]`` (ties keep their order)."""
+        mine, _ = self._my_share(indices)
+        lengths = row_lengths(self.dataset, mine)
+        order = sorted(range(len(mine)), key=lambda i: -lengths[i])
+        return [mine[i] for i in order], order
 
     def _parameters_for(self, config: GradFeatureConfig) -> contextlib.AbstractContextManager[Any]:
         """Whole parameters for a gradient pass: ``logra`` runs through the engine's own
@@ -224,6 +247,39 @@ class ModelOps:
             self.model.train(was_training)
         return torch.cat(out) if out else torch.empty(0)
 
+    def _store(
+        self, indices: Sequence[int] | torch.Tensor, mine: list[int], order: list[int], blocks: Iterator[torch.Tensor]
+    ) -> FeatureStore:
+        """This rank's rows of ``blocks`` (its batches of rows ``mine``, in ``order``
+        of its share, then dummies) written to a new store."""
+        store = FeatureStore(len(indices), directory=self.scratch_dir, order=order)
+        try:
+            for block in blocks:
+                # dummy rows are dropped; an empty share still learns the width from one
+                store.append(block[: len(mine) - store.rows])
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    def embedding_store(
+        self,
+        indices: Sequence[int] | torch.Tensor,
+        *,
+        layer: int = -1,
+        pooling: Pooling = "mean",
+        normalize: bool = True,
+    ) -> FeatureStore:
+        """Pooled hidden states of each pool sample (see :func:`datasteer.ops.embed`), on disk.
+
+        Each rank writes the rows of its share as they are computed and keeps them; nothing
+        is gathered (see :class:`~datasteer.ops.feature_store.FeatureStore`). Close the store.
+        """
+        mine, order = self._longest_first(indices)
+        batches = self._rank_batches(mine, indices)
+        blocks = iter_embed(self.model, batches, layer=layer, pooling=pooling, normalize=normalize, device=self.device)
+        return self._store(indices, mine, order, blocks)
+
     def embeddings(
         self,
         indices: Sequence[int] | torch.Tensor,
@@ -232,29 +288,27 @@ class ModelOps:
         pooling: Pooling = "mean",
         normalize: bool = True,
     ) -> torch.Tensor:
-        """Pooled hidden states of each pool sample (see :func:`datasteer.ops.embed`)."""
-        return self._per_row(
-            indices,
-            lambda batches: embed(
-                self.model, batches, layer=layer, pooling=pooling, normalize=normalize, device=self.device
-            ),
-        )
+        """:meth:`embedding_store`'s rows, gathered: ``(n, h)``, the same on every rank."""
+        with self.embedding_store(indices, layer=layer, pooling=pooling, normalize=normalize) as store:
+            return store.to_tensor()
 
-    def gradient_features(
+    def gradient_feature_store(
         self,
         indices: Sequence[int] | torch.Tensor,
         config: GradFeatureConfig | None = None,
         *,
         optimizer: torch.optim.Optimizer | None = None,
-    ) -> torch.Tensor:
-        """Projected per-sample gradient features (see :func:`datasteer.ops.grad_features`).
+    ) -> FeatureStore:
+        """Projected per-sample gradient features (see :func:`datasteer.ops.grad_features`), on disk.
 
-        Each rank computes its share of the samples and the small projected rows are
-        gathered, never full gradients; the projection is seeded, the same on every rank.
+        Each rank computes its share of the samples and writes the projected rows batch by
+        batch to its own :class:`~datasteer.ops.feature_store.FeatureStore`; nothing is
+        gathered, never full gradients. The projection is seeded, the same on every rank.
         DDP: each rank uses its own replica. ZeRO-3 / FSDP2: ``logra`` runs through the
         engine's layer-by-layer gathering; ``vmap``/``dense``/``loop`` need whole
         parameters for ``functional_call`` and run inside
         :func:`datasteer.ops.sharding.full_parameters` (one read-only gather for the pass).
+        Close the store.
 
         Raises:
             ConfigError: Adam preconditioning (``optimizer``) on sharded parameters: the
@@ -268,10 +322,25 @@ class ModelOps:
                 f"Adam-preconditioned gradient features are not supported with {sharding} sharded parameters "
                 "(the optimizer's moments are partitioned); turn the algorithm's `adam` parameter off"
             )
+        mine, order = self._longest_first(indices)
         with self._parameters_for(config):
-            return self._per_row(
-                indices, lambda batches: grad_features(self.model, batches, config, optimizer=optimizer)
-            )
+            blocks = iter_grad_features(self.model, self._rank_batches(mine, indices), config, optimizer=optimizer)
+            return self._store(indices, mine, order, blocks)
+
+    def gradient_features(
+        self,
+        indices: Sequence[int] | torch.Tensor,
+        config: GradFeatureConfig | None = None,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> torch.Tensor:
+        """:meth:`gradient_feature_store`'s rows, gathered: ``(n, k)``, the same on every rank.
+
+        Raises:
+            ConfigError: as :meth:`gradient_feature_store`.
+        """
+        with self.gradient_feature_store(indices, config, optimizer=optimizer) as store:
+            return store.to_tensor()
 
     def expert_loads(
         self, indices: Sequence[int] | torch.Tensor, *, top_k: int | None = None, desc: str = "expert loads"

@@ -17,6 +17,7 @@ from torch import nn
 from datasteer.errors import SteeringStateError
 
 if TYPE_CHECKING:
+    from datasteer.ops.feature_store import FeatureStore
     from datasteer.ops.policy_gradient import PolicyGradientFeatures
 
 
@@ -24,7 +25,9 @@ class ModelOperations(Protocol):
     """Batched passes of the live model over rows of one data set (the pool or a target set).
 
     Every method takes row indices of :attr:`dataset` and returns one row per index, in
-    order, the same on every rank.
+    order, the same on every rank; the ``*_store`` methods instead leave each rank's share
+    of the rows on disk (a :class:`~datasteer.ops.feature_store.FeatureStore`, to be
+    closed), for pools whose features do not fit in memory.
     """
 
     model: nn.Module
@@ -48,11 +51,19 @@ class ModelOperations(Protocol):
         self, indices: Sequence[int] | torch.Tensor, *, layer: int = ..., pooling: Any = ..., normalize: bool = ...
     ) -> torch.Tensor: ...
 
+    def embedding_store(
+        self, indices: Sequence[int] | torch.Tensor, *, layer: int = ..., pooling: Any = ..., normalize: bool = ...
+    ) -> FeatureStore: ...
+
     def target_embeddings(self, *, layer: int = ..., pooling: Any = ..., normalize: bool = ...) -> torch.Tensor: ...
 
     def gradient_features(
         self, indices: Sequence[int] | torch.Tensor, config: Any = ..., *, optimizer: Any = ...
     ) -> torch.Tensor: ...
+
+    def gradient_feature_store(
+        self, indices: Sequence[int] | torch.Tensor, config: Any = ..., *, optimizer: Any = ...
+    ) -> FeatureStore: ...
 
     def expert_loads(
         self, indices: Sequence[int] | torch.Tensor, *, top_k: int | None = ..., desc: str = ...

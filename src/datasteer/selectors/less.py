@@ -5,14 +5,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from datasteer.config import doc
 from datasteer.errors import ConfigError, NonFiniteInputError
 from datasteer.finite import finite_rows
-from datasteer.ops.gradients import GradFeatureConfig
+from datasteer.ops.feature_store import FeatureStore
+from datasteer.ops.gradients import DEFAULT_VMAP_CHUNK, GradFeatureConfig
 from datasteer.ops.similarity import mean_similarity
 from datasteer.registry import SELECTORS
 from datasteer.selectors.base import SelectContext, Selector, candidate_subset
@@ -34,6 +37,12 @@ class GradientFeatureParams:
         default=True,
     )
     projection_seed: int = doc("Seed of the projection (fixed for the run, so scores are comparable).", default=0)
+    vmap_chunk: int | None = doc(
+        "Samples whose per-sample gradients vmap/dense hold at a time (each scoring batch is cut into slices "
+        "of this many): their memory is about vmap_chunk x the trainable parameters whatever the batch size; "
+        "null: the whole batch at once.",
+        default=DEFAULT_VMAP_CHUNK,
+    )
 
     def __post_init__(self) -> None:
         if self.proj_dim < 1:
@@ -42,10 +51,17 @@ class GradientFeatureParams:
             raise ConfigError(f"method: {self.method!r} is not allowed; choose one of 'vmap', 'loop', 'dense', 'logra'")
         if self.method == "logra" and self.adam:
             raise ConfigError("method: logra never forms full gradients, so it cannot apply Adam; set adam: false")
+        if self.vmap_chunk is not None and self.vmap_chunk < 1:
+            raise ConfigError(f"vmap_chunk: must be >= 1 or null, got {self.vmap_chunk}")
 
     def feature_config(self) -> GradFeatureConfig:
         """The gradient-feature settings of these params."""
-        return GradFeatureConfig(method=self.method, proj_dim=self.proj_dim, seed=self.projection_seed)  # type: ignore[arg-type]
+        return GradFeatureConfig(
+            method=self.method,  # type: ignore[arg-type]
+            proj_dim=self.proj_dim,
+            seed=self.projection_seed,
+            vmap_chunk=self.vmap_chunk,
+        )
 
 
 @dataclass
@@ -86,24 +102,43 @@ def max_mean_cosine(pool: torch.Tensor, target_sets: Sequence[torch.Tensor]) -> 
     return torch.stack([mean_similarity(pool, t) for t in target_sets]).amax(dim=0)
 
 
-def finite_scores(pool: torch.Tensor, target_sets: Sequence[torch.Tensor]) -> tuple[torch.Tensor | None, int]:
+def _finite_row_scores(rows: torch.Tensor | np.ndarray, target_sets: Sequence[torch.Tensor]) -> torch.Tensor:
+    """:func:`max_mean_cosine` of each row, ``-inf`` for a row that is not finite (row-wise)."""
+    rows = torch.as_tensor(rows)
+    finite = finite_rows(rows)
+    if not target_sets:
+        return torch.where(finite, 0.0, -math.inf)
+    if bool(finite.all()):
+        return max_mean_cosine(rows, target_sets)
+    scores = torch.full((len(rows),), -math.inf)
+    scores[finite] = max_mean_cosine(rows[finite], target_sets)
+    return scores
+
+
+def finite_scores(
+    pool: torch.Tensor | FeatureStore, target_sets: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor | None, int]:
     """:func:`max_mean_cosine` of the finite pool rows against the finite rows of each target set.
 
     A row that is not finite is left out of the scoring (never zeroed): a pool row scores
-    ``-inf``, a target row is dropped (and a target set without a finite row).
+    ``-inf``, a target row is dropped (and a target set without a finite row). A
+    :class:`~datasteer.ops.feature_store.FeatureStore` pool is scored chunk by chunk on
+    each rank's own rows; only the scores are gathered. Either way a row's score depends
+    on that row alone, so both give the same scores.
 
     Returns:
         ``(scores, left_out)``: ``(n,)`` float32 scores, or ``None`` when no pool row or no
         target row is finite; ``left_out`` counts the pool and target rows left out.
     """
-    finite = finite_rows(pool)
     kept = [t[finite_rows(t)] for t in target_sets]
-    left_out = int((~finite).sum()) + sum(len(t) - len(k) for t, k in zip(target_sets, kept, strict=True))
+    left_out = sum(len(t) - len(k) for t, k in zip(target_sets, kept, strict=True))
     kept = [k for k in kept if len(k)]
+    score = partial(_finite_row_scores, target_sets=kept)
+    scores = pool.row_scores(score) if isinstance(pool, FeatureStore) else score(pool)
+    finite = torch.isfinite(scores)
+    left_out += int((~finite).sum())
     if not kept or not bool(finite.any()):
         return None, left_out
-    scores = torch.full((len(pool),), -math.inf)
-    scores[finite] = max_mean_cosine(pool[finite], kept)
     return scores, left_out
 
 
@@ -145,8 +180,9 @@ class LessSelector(Selector):
         config = p.feature_config()
         targets = target_gradient_features(ops, config, "less")
         candidates = candidate_subset(ctx, p.candidates, keeps_top="less")
-        pool = ops.gradient_features(candidates, config, optimizer=ops.optimizer if p.adam else None)
-        scores, left_out = finite_scores(pool, targets)
+        optimizer = ops.optimizer if p.adam else None
+        with ops.gradient_feature_store(candidates, config, optimizer=optimizer) as pool:
+            scores, left_out = finite_scores(pool, targets)
         self._report = {"nonfinite": left_out}
         if scores is None:
             raise NonFiniteInputError(f"no finite gradient feature to score by ({left_out} rows are NaN or infinite)")

@@ -12,7 +12,6 @@ from datasteer.config import doc
 from datasteer.errors import ConfigError, NonFiniteInputError
 from datasteer.finite import finite_rows
 from datasteer.ops.prepared import embedding_settings, pool_fingerprint, read_prepared, row_token_ids
-from datasteer.ops.similarity import topk_similarity
 from datasteer.registry import SELECTORS
 from datasteer.selectors.base import SelectContext, Selector
 
@@ -59,6 +58,10 @@ class NearSelector(Selector):
     model's embeddings before training), checked against a fingerprint of this run's pool
     rows, target rows and settings; faiss's ``-1`` padding of short lists is skipped.
 
+    Pool embeddings stay on disk, each rank's share of them
+    (:meth:`~datasteer.ops.ModelOps.embedding_store`); each rank lists its own rows nearest
+    to every target and only those candidates are gathered and merged.
+
     A pool or target row whose embedding is not finite is left out of the lists (and
     counted, ``nonfinite``); a pool sample left out can still be drawn when the lists run out.
     """
@@ -97,16 +100,18 @@ class NearSelector(Selector):
                 settings=embedding_settings(p.settings(), ctx.ops.model),
             )
             return read_prepared(p.prepared, "near", expected)["neighbours"].long()
-        pool = ctx.ops.embeddings(torch.arange(ctx.pool_size), layer=p.layer, pooling=p.pooling)
         targets = ctx.ops.target_embeddings(layer=p.layer, pooling=p.pooling)
-        rows, keep = torch.nonzero(finite_rows(pool)).flatten(), finite_rows(targets)
-        self._report["nonfinite"] = ctx.pool_size - len(rows) + int((~keep).sum())
-        if len(rows) == 0 or not bool(keep.any()):
-            raise NonFiniteInputError(
-                f"no finite embedding to search ({self._report['nonfinite']} are NaN or infinite)"
-            )
-        _, indices = topk_similarity(pool[rows], targets[keep], min(p.neighbours, len(rows)))
-        return rows[indices]
+        keep = finite_rows(targets)
+        with ctx.ops.embedding_store(torch.arange(ctx.pool_size), layer=p.layer, pooling=p.pooling) as pool:
+            finite = pool.row_scores(lambda rows: finite_rows(torch.from_numpy(rows)).float()) > 0
+            self._report["nonfinite"] = int((~finite).sum()) + int((~keep).sum())
+            if not bool(finite.any()) or not bool(keep.any()):
+                raise NonFiniteInputError(
+                    f"no finite embedding to search ({self._report['nonfinite']} are NaN or infinite)"
+                )
+            # rows that are not finite score -inf, so with k <= the finite rows none is listed
+            _, indices = pool.topk_similarity(targets[keep], min(p.neighbours, int(finite.sum())))
+        return indices
 
     def select(self, ctx: SelectContext) -> torch.Tensor:
         self._report = {"nonfinite": 0}

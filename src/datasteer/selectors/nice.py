@@ -12,6 +12,7 @@ from torch import nn
 from datasteer.config import doc
 from datasteer.errors import ConfigError, NonFiniteInputError
 from datasteer.finite import finite_rows
+from datasteer.ops.feature_store import FeatureStore
 from datasteer.ops.hub import require_local
 from datasteer.ops.policy_gradient import Sampling, load_policy
 from datasteer.ops.rewards import ExactMatch, RewardFn, RewardModel, TokenF1, eos_ids
@@ -171,9 +172,17 @@ class NiceSelector(Selector):
         if not ops.targets:
             raise ConfigError("nice: needs target prompts; give the run an evaluation set (eval_dataset, stage sft)")
         candidates = candidate_subset(ctx, p.candidates, keeps_top="nice")
+        config = p.feature_config()
+        with ops.gradient_feature_store(candidates, config, optimizer=ops.optimizer if p.adam else None) as pool:
+            return self._select_from(ctx, pool, candidates)
+
+    def _select_from(self, ctx: SelectContext, pool: FeatureStore, candidates: torch.Tensor) -> torch.Tensor:
+        """The selection among ``candidates`` whose features (on disk) are ``pool``."""
+        p: NiceParams = self.params
+        ops = ctx.ops
+        assert ops is not None
         seed = int(torch.randint(0, 2**62, (1,), generator=ctx.generator))
         config = p.feature_config()
-        pool = ops.gradient_features(candidates, config, optimizer=ops.optimizer if p.adam else None)
         policy = self._sampler(ops)
         reward = self._reward(ops, policy if policy is not None else ops.model)
         sampling = Sampling(
