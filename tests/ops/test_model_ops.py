@@ -123,3 +123,22 @@ def test_the_trainer_scores_with_scoring_batch_size(tmp_path: Path, size: int | 
     trainer = build(tmp_path, steering, args=training_args(tmp_path, max_steps=1, per_device_eval_batch_size=8))
     loader = trainer.get_train_dataloader()
     assert trainer._steering_ops(loader).batch_size == expected
+
+
+def test_a_target_set_computes_its_features_once_per_update() -> None:
+    """Under a mixer a selector runs once per domain; the targets' features are computed once."""
+    ds = ragged_dataset()
+    collator = PadCollator()
+    target = ModelOps(make_model(), ds, collator, 4, torch.device("cpu"), memoize=True)
+    config = GradFeatureConfig(method="vmap", proj_dim=16)
+    first = target.gradient_features(range(5), config)
+    calls = len(collator.widths)
+    assert torch.equal(target.gradient_features(range(5), config), first)
+    assert torch.equal(target.embeddings(range(5)), target.embeddings(range(5)))
+    assert len(collator.widths) == calls + 2  # the embeddings once; the features not again
+    target.gradient_features(range(5), GradFeatureConfig(method="vmap", proj_dim=8))
+    assert len(collator.widths) == calls + 4  # other settings: computed
+    fresh = ModelOps(make_model(), ds, collator, 4, torch.device("cpu"))
+    fresh.gradient_features(range(5), config)
+    fresh.gradient_features(range(5), config)
+    assert len(collator.widths) == calls + 8  # not memoized: computed each time

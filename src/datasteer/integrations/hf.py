@@ -362,10 +362,21 @@ class SteeringMixin:
             loaders = [trainer.get_eval_dataloader(name) for name in names]
             self._steering_targets = [(n, ld.dataset, ld.collate_fn) for n, ld in zip(names, loaders, strict=True)]
         targets = [
-            ModelOps(trainer.model, rows, collate, size, device, name=name)
+            ModelOps(trainer.model, rows, collate, size, device, name=name, memoize=True)
             for name, rows, collate in self._steering_targets
         ]
-        return ModelOps(trainer.model, dataloader.dataset, dataloader.collate_fn, size, device, targets, optimizer)
+        # Pool features are written under the output directory (a system /tmp may be small or in memory).
+        scratch = trainer.args.output_dir
+        return ModelOps(
+            trainer.model,
+            dataloader.dataset,
+            dataloader.collate_fn,
+            size,
+            device,
+            targets,
+            optimizer,
+            scratch_dir=scratch,
+        )
 
 
 class SteeringCallback(TrainerCallback):

@@ -76,6 +76,8 @@ class FeatureStore:
         self.chunk_bytes = chunk_bytes
         self._width: int | None = None
         self._written = 0
+        if directory is not None:
+            Path(directory).mkdir(parents=True, exist_ok=True)
         self._dir = Path(tempfile.mkdtemp(prefix="datasteer-features-", dir=directory))
         self._path = self._dir / f"rank{dist.rank()}.f32"
         self._file: IO[bytes] | None = self._path.open("wb")

@@ -82,6 +82,10 @@ def _arrow_lengths(dataset: Any) -> np.ndarray | None:
     return lengths if mapping is None else lengths[mapping.column(0).to_numpy()]
 
 
+def _key_of(indices: Sequence[int] | torch.Tensor) -> tuple[int, ...]:
+    return tuple(torch.as_tensor(indices, dtype=torch.long).tolist())
+
+
 class _Batches:
     """Collated batches of some pool rows: iterable, with a length (for progress totals)."""
 
@@ -113,6 +117,11 @@ class ModelOps:
         name: the data set's name (an evaluation set's key, e.g. a domain), if it has one.
         scratch_dir: where feature stores (:class:`~datasteer.ops.feature_store.FeatureStore`)
             make their temporary directories (``None``: the system's temporary directory).
+        memoize: keep what :meth:`embeddings` and (plain) :meth:`gradient_features` return,
+            and return it again for the same rows and settings. For a target set, whose
+            features are asked for once per domain when a selector chooses within domains:
+            the model does not change within one update, and the operations are built anew
+            for each update.
 
     Each rank's rows are taken longest first, so that a batch holds rows of about one
     length and the collator pads little (the results come back in the order asked for).
@@ -129,6 +138,7 @@ class ModelOps:
         optimizer: torch.optim.Optimizer | None = None,
         name: str | None = None,
         scratch_dir: str | None = None,
+        memoize: bool = False,
     ) -> None:
         self.model = model
         self.dataset = dataset
@@ -139,6 +149,8 @@ class ModelOps:
         self.optimizer = optimizer
         self.name = name
         self.scratch_dir = scratch_dir
+        self.memoize = memoize
+        self._memo: dict[tuple[Any, ...], torch.Tensor] = {}
 
     def subset(self, indices: Sequence[int] | torch.Tensor) -> ModelOps:
         """The same operations over rows ``indices`` of the pool, renumbered from 0 (the
@@ -289,8 +301,11 @@ class ModelOps:
         normalize: bool = True,
     ) -> torch.Tensor:
         """:meth:`embedding_store`'s rows, gathered: ``(n, h)``, the same on every rank."""
+        key = ("embeddings", _key_of(indices), layer, pooling, normalize)
+        if key in self._memo:
+            return self._memo[key]
         with self.embedding_store(indices, layer=layer, pooling=pooling, normalize=normalize) as store:
-            return store.to_tensor()
+            return self._remember(key, store.to_tensor())
 
     def gradient_feature_store(
         self,
@@ -339,8 +354,17 @@ class ModelOps:
         Raises:
             ConfigError: as :meth:`gradient_feature_store`.
         """
+        key = ("gradient_features", _key_of(indices), config)
+        if optimizer is None and key in self._memo:
+            return self._memo[key]
         with self.gradient_feature_store(indices, config, optimizer=optimizer) as store:
-            return store.to_tensor()
+            features = store.to_tensor()
+        return features if optimizer is not None else self._remember(key, features)
+
+    def _remember(self, key: tuple[Any, ...], value: torch.Tensor) -> torch.Tensor:
+        if self.memoize:
+            self._memo[key] = value
+        return value
 
     def expert_loads(
         self, indices: Sequence[int] | torch.Tensor, *, top_k: int | None = None, desc: str = "expert loads"
