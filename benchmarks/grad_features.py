@@ -5,7 +5,7 @@ parameters trainable) and the same samples, it times, best of ``--repeats``:
 
 (a) ``loop+dense``: batch size 1, ``torch.autograd.grad`` per sample, flat gradient times a
     dense, materialised ``D x k`` projection (the naive LESS implementation);
-(b) our batched methods (``vmap``, ``dense``, ``logra``; only ``logra`` for all parameters);
+(b) our batched methods (``vmap``, ``dense``, ``hooks``, ``logra``; only ``logra`` for all parameters);
 (c) ``train``: a plain training forward + backward over the same batches.
 
 Run: ``PYTHONPATH=. .venv/bin/python benchmarks/grad_features.py [--quick]``. The last line is
@@ -107,8 +107,8 @@ def main() -> None:
 
     setups: list[tuple[str, Callable[[], nn.Module], int, tuple[str, ...], int]] = [
         # name, model factory, vocab, our methods, proj_dim of (a)'s dense matrix
-        ("tiny-lora", lambda: with_lora(llama(64, 2, 1000)), 1000, ("vmap", "dense", "logra"), args.proj_dim),
-        ("27M-lora", lambda: with_lora(llama(512, 6, 8000)), 8000, ("vmap", "dense", "logra"), args.proj_dim),
+        ("tiny-lora", lambda: with_lora(llama(64, 2, 1000)), 1000, ("vmap", "dense", "hooks", "logra"), args.proj_dim),
+        ("27M-lora", lambda: with_lora(llama(512, 6, 8000)), 8000, ("vmap", "dense", "hooks", "logra"), args.proj_dim),
         # A dense D x k matrix for all 27M parameters does not fit in memory at k=1024:
         # (a) uses k=16 here, which only makes (a) cheaper than it would be.
         ("27M-full", lambda: llama(512, 6, 8000), 8000, ("logra",), 16),

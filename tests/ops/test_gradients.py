@@ -56,8 +56,7 @@ def reference_grads(model: nn.Module) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-@pytest.mark.parametrize("kind", list(MODELS))
-@pytest.mark.parametrize("method", ["vmap", "dense"])
+@pytest.mark.parametrize(("kind", "method"), [(k, m) for k in MODELS for m in ("vmap", "dense")] + [("lora", "hooks")])
 def test_batched_methods_equal_loop(kind: str, method: str) -> None:
     model = MODELS[kind]()
     ref = features(model, "loop")
@@ -147,7 +146,7 @@ def test_adam_features_match_hand_computation(kind: str, steps: int) -> None:
     train_steps(model, opt, steps)
     before = {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
     expected = adam_reference(model, opt)
-    for method in ("loop", "vmap", "dense"):
+    for method in ("loop", "vmap", "dense", *(("hooks",) if kind == "lora" else ())):
         got = features(model, method, optimizer=opt)
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     # Read only: the optimizer state and the parameters' .grad are untouched.
@@ -158,7 +157,7 @@ def test_adam_features_match_hand_computation(kind: str, steps: int) -> None:
     assert all(p.grad is None for p in model.parameters())
 
 
-@pytest.mark.parametrize("method", ["loop", "vmap", "dense", "logra"])
+@pytest.mark.parametrize("method", ["loop", "vmap", "dense", "hooks", "logra"])
 def test_no_grad_left_mode_restored_deterministic(method: str) -> None:
     model = lora_model()
     model.train()
@@ -233,3 +232,32 @@ def test_features_batch_by_batch_equal_the_whole_matrix() -> None:
     blocks = list(gf.iter_grad_features(model, batches(), config))
     assert [len(b) for b in blocks] == [3, 3]
     assert torch.equal(torch.cat(blocks), grad_features(model, batches(), config))
+
+
+def test_hooks_refuses_a_trainable_parameter_that_is_not_a_linear_weight() -> None:
+    """The full tiny model trains its embeddings and norms: hooks cannot give their gradients."""
+    with pytest.raises(ValueError, match=r"not an nn.Linear weight.*use method vmap"):
+        features(make_model(), "hooks")
+
+
+def test_hooks_sums_the_calls_of_a_shared_layer() -> None:
+    """A layer applied twice in one forward: each sample's gradient is the sum of both uses."""
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(8, 4).requires_grad_(False)
+            self.layer = nn.Linear(4, 4, bias=False)
+            self.head = nn.Linear(4, 8, bias=False).requires_grad_(False)
+
+        def forward(self, input_ids: torch.Tensor, **_: object) -> object:
+            logits = self.head(self.layer(self.layer(self.embed(input_ids))))
+            return type("Out", (), {"logits": logits})()
+
+    torch.manual_seed(0)
+    model = Twice()
+    ids = torch.randint(0, 8, (3, 5))
+    hooks = gf.hook_grads(model, {"input_ids": ids}, ids)
+    for i in range(3):
+        loop = loop_grads(model, {"input_ids": ids}, ids, i)
+        torch.testing.assert_close(hooks["layer.weight"][i], loop["layer.weight"][0], atol=1e-6, rtol=1e-5)

@@ -12,6 +12,14 @@ Four methods, one entry point (:func:`grad_features`):
   warning when the model cannot be vmapped.
 * ``dense``: the same per-sample gradients flattened to ``(n, D)`` and projected chunk by
   chunk; one matmul per chunk, best when ``D`` is small (LoRA).
+* ``hooks``: the same exact per-sample gradients from one batched forward and one
+  backward of the *sum* of the per-sample losses (as ``logra``): for a trainable
+  ``nn.Linear`` weight, sample ``i``'s gradient is ``sum_t delta_it^T x_it`` over its
+  positions, from the layer's captured input ``x`` and output gradient ``delta`` (the
+  per-sample-gradient trick of Goodfellow, arXiv 1510.01799, as in Opacus). It costs about
+  one training step instead of ``vmap``'s per-sample forwards, and needs every trainable
+  parameter to be such a weight (LoRA's ``lora_A``/``lora_B`` are); Adam preconditioning
+  and the projection are then those of ``vmap``.
 * ``logra`` (arXiv 2405.13954): one forward and one backward of the *sum* of the batch's
   per-sample losses. Samples do not interact, so the gradient of that sum w.r.t. a
   sample's layer output is that sample's own ``delta``; with the captured layer inputs,
@@ -74,7 +82,7 @@ from datasteer.ops.projection import (
 
 logger = logging.getLogger(__name__)
 
-GradMethod = Literal["vmap", "loop", "logra", "dense"]
+GradMethod = Literal["vmap", "loop", "logra", "dense", "hooks", "auto"]
 
 #: Per-sample gradients that ``vmap``/``dense`` materialise at a time, by default.
 DEFAULT_VMAP_CHUNK = 8
@@ -86,7 +94,8 @@ class GradFeatureConfig:
     """How gradient features are computed.
 
     Attributes:
-        method: ``"vmap"``, ``"loop"``, ``"dense"`` or ``"logra"`` (see the module docstring).
+        method: ``"vmap"``, ``"loop"``, ``"dense"``, ``"hooks"``, ``"logra"`` (see the module
+            docstring) or ``"auto"`` (``hooks`` where it applies, else ``vmap``).
         proj_dim: feature width ``k`` (``logra``: an upper bound, see ``logra_dims``).
         seed: seeds the projection; equal seeds give equal projections everywhere.
         projection: ``"rademacher"`` or ``"gaussian"`` entries.
@@ -110,7 +119,7 @@ class GradFeatureConfig:
     vmap_chunk: int | None = DEFAULT_VMAP_CHUNK
 
     def __post_init__(self) -> None:
-        if self.method not in ("vmap", "loop", "logra", "dense"):
+        if self.method not in ("vmap", "loop", "logra", "dense", "hooks", "auto"):
             raise ValueError(f"method must be one of vmap, loop, logra, dense; got {self.method!r}")
         if self.proj_dim < 1:
             raise ValueError(f"proj_dim must be >= 1, got {self.proj_dim}")
@@ -189,6 +198,66 @@ def vmap_grads(model: nn.Module, inputs: Mapping[str, torch.Tensor], labels: tor
         warnings.filterwarnings("ignore", message=".*batching rule.*")
         out: Grads = vmap(grad(loss_of_one), in_dims=(None, 0, 0))(params, prepared, labels)
     return out
+
+
+def linear_weights(model: nn.Module) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` module of every trainable parameter, by parameter name.
+
+    Raises:
+        ValueError: a trainable parameter is not the weight of an ``nn.Linear`` (a bias,
+            an embedding, a norm), which the ``hooks`` method cannot differentiate.
+    """
+    owners = {
+        f"{name}.weight" if name else "weight": m for name, m in model.named_modules() if isinstance(m, nn.Linear)
+    }
+    out = {}
+    for name in trainable_parameters(model):
+        if name not in owners:
+            raise ValueError(
+                f"gradient method hooks: trainable parameter {name!r} is not an nn.Linear weight "
+                "(hooks covers LoRA and other linear-only adapters); use method vmap"
+            )
+        out[name] = owners[name]
+    return out
+
+
+def resolve_auto(model: nn.Module) -> GradMethod:
+    """``auto``: ``hooks`` when every trainable parameter is an ``nn.Linear`` weight (LoRA),
+    else ``vmap``; both give the same exact per-sample gradients."""
+    try:
+        linear_weights(model)
+    except ValueError:
+        return "vmap"
+    return "hooks"
+
+
+def hook_grads(model: nn.Module, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor) -> Grads:
+    """Exact per-sample gradients of trainable ``nn.Linear`` weights, each ``(n, out, in)``,
+    from one forward and one backward of the batch (see the module docstring)."""
+    layers = linear_weights(model)
+    captured: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in layers}
+
+    def hook_for(name: str) -> Callable[[nn.Module, tuple[Any, ...], torch.Tensor], None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
+            captured[name].append((args[0].detach(), output))
+
+        return hook
+
+    handles = [module.register_forward_hook(hook_for(name)) for name, module in layers.items()]
+    try:
+        total = _sample_loss(model, inputs, labels).sum()
+    finally:
+        for handle in handles:
+            handle.remove()
+    calls = [(name, x, out) for name, pairs in captured.items() for x, out in pairs]
+    deltas = torch.autograd.grad(total, [out for _, _, out in calls], allow_unused=True)
+    n = labels.shape[0]
+    grads: Grads = {name: torch.zeros(n, *m.weight.shape, device=m.weight.device) for name, m in layers.items()}
+    # A layer called more than once per forward (weight sharing) sums its contributions.
+    for (name, x, _out), delta in zip(calls, deltas, strict=True):
+        if delta is not None:
+            grads[name] += torch.einsum("b...o,b...i->boi", delta.float(), x.float())
+    return grads
 
 
 def adam_transform(grads: Grads, model: nn.Module, optimizer: torch.optim.Optimizer) -> Grads:
@@ -300,7 +369,8 @@ def _batched_features(
     rows = []
     for start in range(0, n, step):
         part = {k: v[start : start + step] for k, v in inputs.items()}
-        grads = vmap_grads(model, part, labels[start : start + step])
+        per_sample = hook_grads if config.method == "hooks" else vmap_grads
+        grads = per_sample(model, part, labels[start : start + step])
         grads = adam_transform(grads, model, optimizer) if optimizer is not None else grads
         if config.method == "dense":
             rows.append(projection.project(layout.flatten(grads).float()))
@@ -359,6 +429,8 @@ def iter_grad_features(
     write them out without holding them all. The model is in eval mode between yields.
     """
     config = config or GradFeatureConfig()
+    if config.method == "auto":
+        config = GradFeatureConfig(**{**config.__dict__, "method": resolve_auto(model)})
     if optimizer is not None and config.method == "logra":
         raise ValueError("logra cannot be Adam-preconditioned (elementwise on the full gradient); use vmap or loop")
     params = trainable_parameters(model)

@@ -30,7 +30,10 @@ class GradientFeatureParams:
 
     proj_dim: int = doc("Dimension of the random projection of the gradients (LESS paper: 8192).", default=1024)
     method: str = doc(
-        "Gradient-feature method: vmap, loop or dense (Adam-aware); logra (SGD features only).", default="vmap"
+        "Gradient-feature method: auto (hooks where every trainable parameter is a linear weight, e.g. "
+        "LoRA, else vmap), hooks (one batched backward), vmap, loop or dense (all Adam-aware, equal "
+        "features); logra (SGD features only).",
+        default="auto",
     )
     adam: bool = doc(
         "Precondition candidate gradients with the live Adam state, as one more Adam step would (LESS paper: yes).",
@@ -47,8 +50,11 @@ class GradientFeatureParams:
     def __post_init__(self) -> None:
         if self.proj_dim < 1:
             raise ConfigError(f"proj_dim: must be >= 1, got {self.proj_dim}")
-        if self.method not in ("vmap", "loop", "dense", "logra"):
-            raise ConfigError(f"method: {self.method!r} is not allowed; choose one of 'vmap', 'loop', 'dense', 'logra'")
+        if self.method not in ("auto", "vmap", "hooks", "loop", "dense", "logra"):
+            raise ConfigError(
+                f"method: {self.method!r} is not allowed; choose one of 'auto', 'vmap', 'hooks', 'loop', 'dense', "
+                "'logra'"
+            )
         if self.method == "logra" and self.adam:
             raise ConfigError("method: logra never forms full gradients, so it cannot apply Adam; set adam: false")
         if self.vmap_chunk is not None and self.vmap_chunk < 1:
