@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 BIN = Path(sys.executable).parent
 
-GOALS = {"mix": 0.03, "weight/loss": 0.05, "weight/adapt": 0.10}
+GOALS = {"mix": 0.03, "weight/loss_weight": 0.05, "weight/adapt": 0.10}
 
 
 @dataclass
@@ -76,13 +76,16 @@ def arms(tiny_llama: str) -> list[Arm]:
         *(Arm(n, "mix", f"mix_{n}.yaml") for n in ("static", "random", "scheduled", "odm")),
         Arm("doremi", "mix", "mix_doremi_2_proxy.yaml", reference),
         Arm("dynamic_moe", "mix", "mix_dynamic_moe.yaml", baseline="plain_moe"),
-        *(Arm(n, "weight", f"weight_{n}.yaml") for n in ("uniform", "loss", "adapt", "custom")),
+        Arm("uniform", "weight", "weight_uniform.yaml"),
+        Arm("loss_weight", "weight", "weight_loss.yaml"),
+        Arm("adapt", "weight", "weight_adapt.yaml"),
+        Arm("custom_weight", "weight", "weight_custom.yaml"),
         Arm("reducible", "weight", "weight_reducible.yaml", reference),
         Arm("odm+loss+loss", "compose", "compose_mix_select_weight.yaml"),
-        Arm("random", "select", "select_random.yaml"),
-        Arm("loss", "select", "select_loss.yaml", candidates=512),
+        Arm("random_select", "select", "select_random.yaml"),
+        Arm("loss_select", "select", "select_loss.yaml", candidates=512),
         Arm("delta_loss", "select", "select_delta_loss.yaml"),
-        Arm("custom", "select", "select_custom.yaml"),
+        Arm("custom_select", "select", "select_custom.yaml"),
         Arm("less", "select", "select_less.yaml", candidates=512),
         Arm("cluster_less", "select", "select_cluster_less.yaml"),
         Arm("near", "select", "select_near.yaml"),
@@ -91,11 +94,11 @@ def arms(tiny_llama: str) -> list[Arm]:
     ]
 
 
-QUICK = ("plain", "static", "odm", "loss_weight", "adapt", "odm+loss+loss", "loss", "less")
+QUICK = ("plain", "static", "odm", "loss_weight", "adapt", "odm+loss+loss", "loss_select", "less")
 
 
 def _key(arm: Arm) -> str:
-    return f"{arm.name}_weight" if arm.kind == "weight" and arm.name in ("loss", "custom") else arm.name
+    return arm.name
 
 
 def _plain_config(example: Path, out: Path, overrides: list[str]) -> Path:
@@ -161,6 +164,8 @@ def _prepare_tsds(out: Path, common: list[str], log: Path) -> str:
 def _select_figures(arm: Arm, runs: list[dict[str, Any]], steps: int, batch: int) -> dict[str, float]:
     run = runs[0]
     updates = [r["seconds"] for r in run["records"] if r.get("paradigm") == "select"]
+    if not updates:
+        raise SystemExit(f"{arm.name}: the run made no selection update; give it more --steps")
     later = updates[1:] or updates
     per_update = statistics.median(later)
     step = (run["train"] - sum(updates)) / steps
@@ -218,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
 
+    (out / "results.json").write_text(json.dumps(results, indent=1))
     summary: dict[str, float] = {}
     print("\nMixers, weighters, composed: train time (median) over the plain run's")
     print(f"{'arm':<16}{'kind':<9}{'train s':>9}{'plain s':>9}{'overhead':>10}{'goal':>8}  met")
@@ -244,14 +250,14 @@ def main(argv: list[str] | None = None) -> int:
             per_cand = f"{f['ms_per_candidate']:10.2f}" if "ms_per_candidate" in f else f"{'-':>10}"
             ratio = (
                 f"{f['scoring_vs_training']:14.1f}x"
-                if arm.name == "loss" and "scoring_vs_training" in f
+                if arm.name == "loss_select" and "scoring_vs_training" in f
                 else f"{'-':>15}"
             )
             print(
                 f"{arm.name:<14}{f['first_s']:9.2f}{f['update_s']:10.2f}{per_cand}{f['step_s']:8.3f}{f['update_vs_step']:12.1f}x{ratio}"
             )
             summary[f"update_vs_step_{arm.name}"] = f["update_vs_step"]
-            if arm.name == "loss" and "scoring_vs_training" in f:
+            if arm.name == "loss_select" and "scoring_vs_training" in f:
                 summary["scoring_vs_training"] = f["scoring_vs_training"]
         print("goal: the loss selector's forward-only scoring >= 3x the samples/s of training")
     print("RESULT " + " ".join(f"{k}={v:.4f}" for k, v in summary.items()))
