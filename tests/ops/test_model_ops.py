@@ -142,3 +142,22 @@ def test_a_target_set_computes_its_features_once_per_update() -> None:
     fresh.gradient_features(range(5), config)
     fresh.gradient_features(range(5), config)
     assert len(collator.widths) == calls + 8  # not memoized: computed each time
+
+
+def test_every_scoring_pass_shows_a_total(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A progress bar without a total (``gradient features: 0it``) gives no ETA."""
+    import datasteer.ops.embeddings as embeddings_module
+    import datasteer.ops.gradients as gradients_module
+
+    totals: list[int | None] = []
+
+    def recording_tqdm(iterable: Any = None, *args: Any, total: int | None = None, **kwargs: Any) -> Any:
+        totals.append(total)
+        return iterable
+
+    monkeypatch.setattr(embeddings_module, "tqdm", recording_tqdm)
+    monkeypatch.setattr(gradients_module, "tqdm", recording_tqdm)
+    ops, _ = ops_for(ragged_dataset(), batch_size=4)
+    ops.embeddings(range(10))
+    ops.gradient_features(range(10), GradFeatureConfig(method="vmap", proj_dim=8))
+    assert totals == [3, 3]

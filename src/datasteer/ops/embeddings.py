@@ -14,7 +14,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
 from pathlib import Path
 from typing import Any, Literal
 
@@ -79,7 +79,7 @@ def iter_embed(
     # A causal LM would otherwise materialise (b, T, vocab) logits that we throw away.
     if _accepts(model, "logits_to_keep"):
         extra["logits_to_keep"] = 1
-    total = len(batches) if isinstance(batches, Sequence) else None
+    total = len(batches) if isinstance(batches, Sized) else None
     was_training = model.training
     model.eval()
     try:
