@@ -261,3 +261,17 @@ def test_hooks_sums_the_calls_of_a_shared_layer() -> None:
     for i in range(3):
         loop = loop_grads(model, {"input_ids": ids}, ids, i)
         torch.testing.assert_close(hooks["layer.weight"][i], loop["layer.weight"][0], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["vmap", "dense", "hooks"])
+def test_gradients_buffered_over_batches_give_the_same_rows(monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    """Exact gradients wait over batches and are projected together (one generation of the
+    random matrix per buffer, not per batch); the rows do not change."""
+    model = lora_model()
+    config = GradFeatureConfig(method=method, proj_dim=PROJ, seed=4)  # type: ignore[arg-type]
+    monkeypatch.setattr(gf, "PROJECT_BYTES", 1)  # every batch on its own
+    alone = list(gf.iter_grad_features(model, batches(), config))
+    monkeypatch.setattr(gf, "PROJECT_BYTES", 1 << 30)  # both batches at once
+    together = list(gf.iter_grad_features(model, batches(), config))
+    assert [len(b) for b in alone] == [3, 3] and [len(b) for b in together] == [6]
+    torch.testing.assert_close(torch.cat(together), torch.cat(alone), atol=1e-6, rtol=1e-5)

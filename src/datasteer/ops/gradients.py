@@ -84,6 +84,9 @@ logger = logging.getLogger(__name__)
 
 GradMethod = Literal["vmap", "loop", "logra", "dense", "hooks", "auto"]
 
+#: Bytes of exact per-sample gradients buffered before they are projected together.
+PROJECT_BYTES = 256 << 20
+
 #: Per-sample gradients that ``vmap``/``dense`` materialise at a time, by default.
 DEFAULT_VMAP_CHUNK = 8
 Grads = dict[str, torch.Tensor]
@@ -105,8 +108,9 @@ class GradFeatureConfig:
             ``k_in = k_out = isqrt(proj_dim // L)``.
         vmap_chunk: samples whose per-sample gradients ``vmap``/``dense`` materialise at a
             time (each batch is cut into slices of this many, projected one after the
-            other), so their memory is about ``vmap_chunk`` x the trainable parameters
-            whatever the batch size; ``None``: the whole batch at once.
+            other), so vmap's own memory is about ``vmap_chunk`` x the trainable parameters
+            whatever the batch size; ``None``: the whole batch at once. The gradients then
+            wait, over batches, until ``PROJECT_BYTES`` (256 MiB) of them are projected at once.
     """
 
     method: GradMethod = "vmap"
@@ -364,20 +368,39 @@ def _batched_features(
             g = adam_transform(g, model, optimizer) if optimizer is not None else g
             rows.append(layout.project(g, projection))
         return torch.cat(rows)
+    return _project(_exact_grads(model, inputs, labels, config, optimizer), config, layout, projection)
+
+
+def _exact_grads(
+    model: nn.Module,
+    inputs: Mapping[str, torch.Tensor],
+    labels: torch.Tensor,
+    config: GradFeatureConfig,
+    optimizer: torch.optim.Optimizer | None,
+) -> Grads:
+    """The batch's per-sample gradients (``vmap``/``dense``: in slices of ``vmap_chunk``;
+    ``hooks``), Adam-preconditioned when an optimizer is given."""
     n = labels.shape[0]
     step = n if config.vmap_chunk is None else config.vmap_chunk
-    rows = []
+    parts: list[Grads] = []
     for start in range(0, n, step):
         part = {k: v[start : start + step] for k, v in inputs.items()}
         per_sample = hook_grads if config.method == "hooks" else vmap_grads
         grads = per_sample(model, part, labels[start : start + step])
-        grads = adam_transform(grads, model, optimizer) if optimizer is not None else grads
-        if config.method == "dense":
-            rows.append(projection.project(layout.flatten(grads).float()))
-        else:
-            rows.append(layout.project(grads, projection))
-        del grads  # the next slice's gradients take their place
-    return torch.cat(rows)
+        parts.append(adam_transform(grads, model, optimizer) if optimizer is not None else grads)
+    return _concat(parts)
+
+
+def _concat(parts: list[Grads]) -> Grads:
+    return parts[0] if len(parts) == 1 else {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+
+
+def _project(
+    grads: Grads, config: GradFeatureConfig, layout: ParamLayout, projection: StreamingProjection
+) -> torch.Tensor:
+    if config.method == "dense":
+        return projection.project(layout.flatten(grads).float())
+    return layout.project(grads, projection)
 
 
 #: Names of the embedding forward hooks that transformers (``enable_input_require_grads``) and
@@ -445,26 +468,49 @@ def iter_grad_features(
         total = len(batches) if isinstance(batches, Sized) else None
         paused = input_grad_hooks_paused(model) if method in ("vmap", "dense") else contextlib.nullcontext()
         with paused:
+            # Exact per-sample gradients are buffered over batches and projected together, up
+            # to PROJECT_BYTES: the projection's random matrix is then generated once per
+            # buffer rather than once per batch (for LoRA on a real model, most of the cost).
+            pending: list[Grads] = []
+            budget = max(1, PROJECT_BYTES // (4 * max(1, layout.total)))
             for batch in tqdm(batches, total=total, desc=desc, disable=dist.rank() != 0, leave=False):
                 with torch.enable_grad():
                     inputs, labels = split_batch(batch, device)
+                    if method in ("vmap", "dense", "hooks"):
+                        try:
+                            pending.append(_exact_grads(model, inputs, labels, config, optimizer))
+                        except RuntimeError as err:
+                            if method == "hooks":
+                                raise
+                            logger.warning("%s gradients failed (%s); falling back to the loop method", method, err)
+                            yield from _flushed(pending, config, layout, projection)
+                            method = "loop"
+                            config = GradFeatureConfig(**{**config.__dict__, "method": "loop"})
+                        else:
+                            if sum(len(next(iter(g.values()))) for g in pending) >= budget:
+                                yield from _flushed(pending, config, layout, projection)
+                            continue
                     if method == "logra":
                         feats = logra_batch_features(model, inputs, labels, layers)
                     else:
-                        try:
-                            feats = _batched_features(model, inputs, labels, config, optimizer, layout, projection)
-                        except RuntimeError as err:
-                            if method == "loop":
-                                raise
-                            logger.warning("%s gradients failed (%s); falling back to the loop method", method, err)
-                            method = "loop"
-                            config = GradFeatureConfig(**{**config.__dict__, "method": "loop"})
-                            feats = _batched_features(model, inputs, labels, config, optimizer, layout, projection)
+                        feats = _batched_features(model, inputs, labels, config, optimizer, layout, projection)
                     rows = feats.detach().float().cpu()
                 # Row by row, so a batch's rows equal those of the whole matrix normalised at once.
                 yield torch.nn.functional.normalize(rows, dim=1) if config.normalize else rows
+            yield from _flushed(pending, config, layout, projection)
     finally:
         model.train(was_training)
+
+
+def _flushed(
+    pending: list[Grads], config: GradFeatureConfig, layout: ParamLayout, projection: StreamingProjection
+) -> Iterator[torch.Tensor]:
+    """The projected rows of the buffered gradients (emptied), normalised row by row."""
+    if not pending:
+        return
+    rows = _project(_concat(pending), config, layout, projection).detach().float().cpu()
+    pending.clear()
+    yield torch.nn.functional.normalize(rows, dim=1) if config.normalize else rows
 
 
 def grad_features(
