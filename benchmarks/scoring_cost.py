@@ -10,9 +10,9 @@ fresh subprocess, so that its peak RSS (``ru_maxrss``) is its own:
   ``--batch-size``: the baseline every ratio is taken against;
 - ``losses`` (``loss``, ``delta_loss``), ``embeddings`` (``near``, ``cluster_less``,
   ``adapt``): forward-only passes;
-- ``vmap``, ``vmap+adam`` (LESS's default), ``dense``, ``logra``: projected per-sample
-  gradient features at ``proj_dim`` ``--proj-dim``, through :class:`datasteer.ops.ModelOps`
-  as a selector calls them.
+- ``vmap``, ``vmap+adam``, ``hooks``, ``hooks+adam`` (LESS's default on LoRA: ``auto``
+  with Adam), ``dense``, ``logra``: projected per-sample gradient features at ``proj_dim``
+  ``--proj-dim``, through :class:`datasteer.ops.ModelOps` as a selector calls them.
 
 The columns: seconds per 100 candidates; cost per sample over a training step's cost per
 sample; peak RSS, and its ratio to the training run's. Goals (issue 13): gradient
@@ -35,7 +35,7 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-OPS = ("train", "losses", "embeddings", "vmap", "vmap+adam", "dense", "logra")
+OPS = ("train", "losses", "embeddings", "vmap", "vmap+adam", "hooks", "hooks+adam", "dense", "logra")
 
 
 def _rows(tokenizer: Any, n: int, seq: int) -> list[dict[str, list[int]]]:
