@@ -58,9 +58,9 @@ import contextlib
 import logging
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import nn
@@ -81,6 +81,8 @@ from datasteer.ops.projection import (
 )
 
 logger = logging.getLogger(__name__)
+
+K = TypeVar("K")
 
 GradMethod = Literal["vmap", "loop", "logra", "dense", "hooks", "auto"]
 
@@ -239,29 +241,38 @@ def hook_grads(model: nn.Module, inputs: Mapping[str, torch.Tensor], labels: tor
     """Exact per-sample gradients of trainable ``nn.Linear`` weights, each ``(n, out, in)``,
     from one forward and one backward of the batch (see the module docstring)."""
     layers = linear_weights(model)
-    captured: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in layers}
+    n = labels.shape[0]
+    grads: Grads = {name: torch.zeros(n, *m.weight.shape, device=m.weight.device) for name, m in layers.items()}
+    for name, x, delta in _linear_deltas(model, inputs, labels, list(layers.items())):
+        grads[name] += torch.einsum("b...o,b...i->boi", delta.float(), x.float())
+    return grads
 
-    def hook_for(name: str) -> Callable[[nn.Module, tuple[Any, ...], torch.Tensor], None]:
+
+def _linear_deltas(
+    model: nn.Module, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor, layers: Sequence[tuple[K, nn.Module]]
+) -> Iterator[tuple[K, torch.Tensor, torch.Tensor]]:
+    """``(key, x, delta)`` of every call of each layer in one forward of the batch: its input
+    and the gradient of the summed per-sample losses w.r.t. its output (per sample, since
+    samples do not interact). A layer called more than once (weight sharing) yields once
+    per call; a call the loss does not reach yields nothing."""
+    captured: list[tuple[K, torch.Tensor, torch.Tensor]] = []
+
+    def hook_for(key: K) -> Callable[[nn.Module, tuple[Any, ...], torch.Tensor], None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
-            captured[name].append((args[0].detach(), output))
+            captured.append((key, args[0].detach(), output))
 
         return hook
 
-    handles = [module.register_forward_hook(hook_for(name)) for name, module in layers.items()]
+    handles = [module.register_forward_hook(hook_for(key)) for key, module in layers]
     try:
         total = _sample_loss(model, inputs, labels).sum()
     finally:
         for handle in handles:
             handle.remove()
-    calls = [(name, x, out) for name, pairs in captured.items() for x, out in pairs]
-    deltas = torch.autograd.grad(total, [out for _, _, out in calls], allow_unused=True)
-    n = labels.shape[0]
-    grads: Grads = {name: torch.zeros(n, *m.weight.shape, device=m.weight.device) for name, m in layers.items()}
-    # A layer called more than once per forward (weight sharing) sums its contributions.
-    for (name, x, _out), delta in zip(calls, deltas, strict=True):
+    deltas = torch.autograd.grad(total, [out for _, _, out in captured], allow_unused=True)
+    for (key, x, _out), delta in zip(captured, deltas, strict=True):
         if delta is not None:
-            grads[name] += torch.einsum("b...o,b...i->boi", delta.float(), x.float())
-    return grads
+            yield key, x, delta
 
 
 def adam_transform(grads: Grads, model: nn.Module, optimizer: torch.optim.Optimizer) -> Grads:
@@ -328,47 +339,31 @@ def logra_batch_features(
     layers: list[tuple[str, nn.Linear, KroneckerProjection]],
 ) -> torch.Tensor:
     """LoGra features ``(n, sum of layer widths)`` of one batch: one forward, one backward."""
-    captured: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-
-    def hook_for(layer: int) -> Callable[[nn.Module, tuple[Any, ...], torch.Tensor], None]:
-        def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
-            captured.append((layer, args[0].detach(), output))
-
-        return hook
-
-    handles = [module.register_forward_hook(hook_for(i)) for i, (_, module, _) in enumerate(layers)]
-    try:
-        total = _sample_loss(model, inputs, labels).sum()
-    finally:
-        for handle in handles:
-            handle.remove()
-    deltas = torch.autograd.grad(total, [out for _, _, out in captured], allow_unused=True)
     n = labels.shape[0]
     feats = [torch.zeros(n, proj.dim, device=labels.device) for _, _, proj in layers]
     # A layer called more than once per forward (weight sharing) sums its contributions.
-    for (layer, x, _out), delta in zip(captured, deltas, strict=True):
-        if delta is not None:
-            feats[layer] += layers[layer][2].project(x, delta)
+    modules = [(i, module) for i, (_, module, _) in enumerate(layers)]
+    for layer, x, delta in _linear_deltas(model, inputs, labels, modules):
+        feats[layer] += layers[layer][2].project(x, delta)
     return torch.cat(feats, dim=1)
 
 
-def _batched_features(
+def _loop_features(
     model: nn.Module,
     inputs: Mapping[str, torch.Tensor],
     labels: torch.Tensor,
-    config: GradFeatureConfig,
     optimizer: torch.optim.Optimizer | None,
     layout: ParamLayout,
     projection: StreamingProjection,
 ) -> torch.Tensor:
-    if config.method == "loop":
-        rows = []
-        for i in range(labels.shape[0]):
-            g = loop_grads(model, inputs, labels, i)
-            g = adam_transform(g, model, optimizer) if optimizer is not None else g
-            rows.append(layout.project(g, projection))
-        return torch.cat(rows)
-    return _project(_exact_grads(model, inputs, labels, config, optimizer), config, layout, projection)
+    """``loop`` features of one batch: one sample at a time (the other exact methods go
+    through :func:`_exact_grads` and are projected over several batches at once)."""
+    rows = []
+    for i in range(labels.shape[0]):
+        g = loop_grads(model, inputs, labels, i)
+        g = adam_transform(g, model, optimizer) if optimizer is not None else g
+        rows.append(layout.project(g, projection))
+    return torch.cat(rows)
 
 
 def _exact_grads(
@@ -493,7 +488,7 @@ def iter_grad_features(
                     if method == "logra":
                         feats = logra_batch_features(model, inputs, labels, layers)
                     else:
-                        feats = _batched_features(model, inputs, labels, config, optimizer, layout, projection)
+                        feats = _loop_features(model, inputs, labels, optimizer, layout, projection)
                     rows = feats.detach().float().cpu()
                 # Row by row, so a batch's rows equal those of the whole matrix normalised at once.
                 yield torch.nn.functional.normalize(rows, dim=1) if config.normalize else rows
