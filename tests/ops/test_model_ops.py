@@ -161,3 +161,15 @@ def test_every_scoring_pass_shows_a_total(monkeypatch: pytest.MonkeyPatch) -> No
     ops.embeddings(range(10))
     ops.gradient_features(range(10), GradFeatureConfig(method="vmap", proj_dim=8))
     assert totals == [3, 3]
+
+
+def test_pool_features_are_written_under_the_run_output_directory(tmp_path: Path) -> None:
+    """A system /tmp may be small or in memory; the store's directory is made if missing."""
+    from tests.integrations.test_hf_trainer import build
+
+    out = tmp_path / "run"
+    trainer = build(out, {"paradigm": "select", "algorithm": "loss"}, args=training_args(out, max_steps=1))
+    ops = trainer._steering_ops(trainer.get_train_dataloader())
+    assert ops.scratch_dir == str(out)
+    with ops.embedding_store(range(4)) as store:
+        assert store.path.parent.parent == out
