@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from datasteer.ops.protocol import NO_MODEL, ModelOperations
 from datasteer.rng import torch_generator
 from datasteer.runlog import read_records
 from datasteer.selectors.base import SelectContext
+from datasteer.streams import StreamedDomains
 from datasteer.weighters.base import WeightContext
 
 VOCAB = 64
@@ -55,6 +57,21 @@ def make_dataset(sizes: tuple[int, ...] = (40, 24, 16), seed: int = 0) -> Datase
             rows["labels"].append(ids)
             rows["domain"].append(DOMAINS[d])
     return Dataset.from_dict(rows)
+
+
+def make_streams(folder: Path, sizes: tuple[int, ...] = (40, 24, 16), seed: int = 0) -> StreamedDomains:
+    """:func:`make_dataset`'s rows written as one jsonl file per domain, read back as streams
+    (row ``i`` of a domain's file is the ``i``-th row of that domain in ``make_dataset``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = make_dataset(sizes, seed).to_list()
+    paths = {}
+    for name in DOMAINS[: len(sizes)]:
+        paths[name] = folder / f"{name}.jsonl"
+        with paths[name].open("w") as f:
+            for row in rows:
+                if row["domain"] == name:
+                    f.write(json.dumps({k: v for k, v in row.items() if k != "domain"}) + "\n")
+    return StreamedDomains.from_paths(paths)
 
 
 def select_context(

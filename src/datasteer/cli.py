@@ -103,13 +103,23 @@ def write_run_config(config_path: str, overrides: Sequence[str], output_dir: str
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
+    from datasteer import launch
+
     try:
+        settings = launch.launch_settings(ns.nproc, ns.nnodes, ns.node_rank, ns.master_addr, ns.master_port)
         args, steering = prepare_run(ns.config, ns.overrides)
         from datasteer.integrations import llamafactory
 
-        parsed = llamafactory.validate(args, steering)  # everything checkable before a model loads
+        if settings is not None:
+            # Checked once here, so that a bad config is one line, not one per worker. LLaMA-Factory
+            # refuses a deepspeed config outside a launched worker: the workers check that key.
+            llamafactory.validate({k: v for k, v in args.items() if k != "deepspeed"}, steering)
+        else:
+            parsed = llamafactory.validate(args, steering)  # everything checkable before a model loads
     except ConfigError as err:
         return _fail(str(err))
+    if settings is not None:
+        return launch.launch(settings, [ns.config, *ns.overrides])
     output_dir = args.get("output_dir")
     fresh = Path(str(output_dir)) if output_dir and not Path(str(output_dir)).exists() else None
     try:
@@ -245,6 +255,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train with LLaMA-Factory, steered by the config's datasteer: block")
     p.add_argument("config", help="run YAML: LLaMA-Factory keys plus an optional datasteer: block")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. datasteer.params.alpha=0.5")
+    g = p.add_argument_group(
+        "several processes",
+        "start workers through torchrun (or set FORCE_TORCHRUN=1 with NPROC_PER_NODE, NNODES, NODE_RANK, "
+        "MASTER_ADDR, MASTER_PORT, as for llamafactory-cli)",
+    )
+    g.add_argument("--nproc", type=int, default=None, help="workers on this node (torchrun --nproc-per-node)")
+    g.add_argument("--nnodes", type=int, default=None, help="nodes of the run (default 1)")
+    g.add_argument("--node-rank", type=int, default=None, help="this node's rank, 0..nnodes-1 (default 0)")
+    g.add_argument("--master-addr", default=None, help="address of node 0 (default 127.0.0.1)")
+    g.add_argument("--master-port", type=int, default=None, help="port on node 0 (default: a free port, 1 node)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("prepare", help="precompute a selector's neighbour lists / probabilities (near, tsds)")
@@ -310,7 +330,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``datasteer`` command."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    ns = build_parser().parse_args(argv)
+    parser = build_parser()
+    ns, extra = parser.parse_known_args(argv)
+    if extra:  # overrides after an option (`train run.yaml --nproc 2 a=1`) are overrides too
+        if hasattr(ns, "overrides") and not any(arg.startswith("-") for arg in extra):
+            ns.overrides = [*ns.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     code: int = ns.func(ns)
     return code
 

@@ -27,6 +27,7 @@ import torch
 from datasteer import dist
 from datasteer.drivers import DRIVERS, Driver, RunInfo, TrainedBatch, digest
 from datasteer.errors import ConfigError, SteeringStateError
+from datasteer.mixers.base import Mixer
 from datasteer.ops.protocol import ModelOperations
 from datasteer.plan import SteeringPlan
 from datasteer.runlog import RunLog
@@ -40,39 +41,66 @@ logger = logging.getLogger(__name__)
 STATE_VERSION = 2
 
 
+def check_streamable(plan: SteeringPlan, steps: int | None) -> None:
+    """ConfigError unless ``plan`` can steer streamed domains for ``steps`` steps: a mix stage
+    decides which stream each sample comes from, and no stage needs the pool's rows."""
+    if steps is None or steps < 1:
+        raise ConfigError("max_steps: streamed domains have no length; set max_steps > 0")
+    if "mix" not in plan.algorithms:
+        raise ConfigError(
+            f"{plan.config.describe()}: streamed domains need a mix stage (it decides which stream each "
+            "sample comes from); select needs a map-style pool (set streaming: false)"
+        )
+    if "select" in plan.algorithms:
+        raise ConfigError("select: selection needs a map-style pool; with streamed domains use mix (and weight)")
+    mixer = plan.algorithms["mix"]
+    if isinstance(mixer, Mixer) and mixer.needs_pool:
+        raise ConfigError(
+            f"{plan.config.stages['mix'].algorithm}: this mixer evaluates the model on pool rows of each "
+            "domain, which streamed domains do not hold; set streaming: false"
+        )
+
+
 class SteeringController:
     """Runs the stages of a steering plan inside a training run.
 
     Args:
         plan: the built plan (configuration and algorithms).
-        domains: domain id of each pool sample, ``(N,)``.
+        domains: domain id of each pool sample, ``(N,)``; ``None`` when the domains are
+            streams (:mod:`datasteer.streams`), which a mix stage must then draw from.
         domain_names: names of the domain ids.
         global_batch: samples per optimizer step over all ranks and micro-batches.
         seed: seed of every steering draw.
         lag: steps between deciding and using an update (>= 1).
         log: the run record (``None``: no file).
+        stream_steps: with streamed domains, the steps of the run (its ``max_steps``).
     """
 
     def __init__(
         self,
         plan: SteeringPlan,
         *,
-        domains: np.ndarray,
+        domains: np.ndarray | None,
         domain_names: Sequence[str],
         global_batch: int,
         seed: int,
         lag: int,
         log: RunLog | None = None,
+        stream_steps: int | None = None,
     ) -> None:
         self.plan = plan
-        self.domains = np.asarray(domains, dtype=np.int64)
+        streamed = domains is None
+        self.domains = np.zeros(0, dtype=np.int64) if domains is None else np.asarray(domains, dtype=np.int64)
         self.domain_names = tuple(domain_names)
         self.log = log
         self._resumed_at: int | None = None
         self._served = np.zeros(len(self.domain_names), dtype=np.int64)
         plan.check_domains(self.domain_names)
         sampler: MixtureSampler | SelectionSampler | None = None
-        if "mix" in plan.algorithms:
+        if streamed:
+            check_streamable(plan, stream_steps)
+            sampler = MixtureSampler(None, len(self.domain_names), global_batch, seed, steps_per_epoch=stream_steps)
+        elif "mix" in plan.algorithms:
             sizes = np.bincount(self.domains, minlength=len(self.domain_names))
             empty = [n for n, size in zip(self.domain_names, sizes, strict=True) if size == 0]
             if empty:
@@ -80,7 +108,7 @@ class SteeringController:
             sampler = MixtureSampler(self.domains, len(self.domain_names), global_batch, seed)
         elif "select" in plan.algorithms:
             sampler = SelectionSampler(len(self.domains), global_batch, seed)
-        self.run = RunInfo(self.domains, self.domain_names, global_batch, seed, sampler)
+        self.run = RunInfo(self.domains, self.domain_names, global_batch, seed, sampler, streamed=streamed)
         self.drivers: list[Driver[Any]] = [
             DRIVERS[p](plan.config.stages[p], plan.algorithms[p], self.run, lag) for p in plan.paradigms
         ]
@@ -153,7 +181,7 @@ class SteeringController:
         over a reference model, the reference's token-mean losses and pooled hidden states.
         Returns the batch as the stages see it."""
         idx = indices.detach().cpu().numpy()
-        batch = TrainedBatch(idx, self.domains[idx], losses, tokens, excess, reference_losses, embeddings)
+        batch = TrainedBatch(idx, self.run.domain_of(idx), losses, tokens, excess, reference_losses, embeddings)
         self._served += np.bincount(batch.domains, minlength=len(self.domain_names))
         for driver in self.drivers:
             driver.observe(batch)

@@ -256,6 +256,7 @@ def prepare(kind: str, args: dict[str, Any], steering: SteeringPlan | None) -> P
         "dataset": list(data_args.dataset),
         "stage": finetuning_args.stage,
     }
+    assert domains.ids is not None  # a selector's run is refused with streaming: true
     return prepare_selection(
         kind,
         params,

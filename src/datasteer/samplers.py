@@ -37,6 +37,7 @@ from torch.utils.data import Sampler
 
 from datasteer.errors import SteeringStateError
 from datasteer.rng import torch_generator
+from datasteer.streams import encode
 
 #: How many recent per-step stream positions the mixture sampler keeps (covers prefetching).
 _SNAPSHOTS = 256
@@ -246,14 +247,21 @@ class MixtureSampler(SteeringSampler):
 
     def __init__(
         self,
-        domains: np.ndarray,
+        domains: np.ndarray | None,
         num_domains: int,
         global_batch: int,
         seed: int,
         steps_per_epoch: int | None = None,
     ) -> None:
+        # domains None: streamed domains (datasteer.streams), whose sizes are unknown; an
+        # index then names a domain and a position in its stream, and positions are not permuted.
+        self.streamed = domains is None
+        if domains is None:
+            if steps_per_epoch is None:
+                raise ValueError("a mixture of streamed domains needs steps_per_epoch (the run's max_steps)")
+            domains = np.zeros(0, dtype=np.int64)
         domains = np.asarray(domains, dtype=np.int64)
-        super().__init__(len(domains), global_batch, seed, steps_per_epoch)
+        super().__init__(max(len(domains), 1) if self.streamed else len(domains), global_batch, seed, steps_per_epoch)
         self.num_domains = num_domains
         self.domain_of = domains
         self.members = [np.flatnonzero(domains == d) for d in range(num_domains)]
@@ -269,12 +277,14 @@ class MixtureSampler(SteeringSampler):
         if p.shape != (self.num_domains,):
             raise ValueError(f"expected {self.num_domains} proportions, got shape {p.shape}")
         empty = [d for d in range(self.num_domains) if p[d] > 0 and len(self.members[d]) == 0]
-        if empty:
+        if empty and not self.streamed:
             raise ValueError(f"domains {empty} have no samples but positive proportions")
         super().add_plan(first_step, p)
 
     def add_selection(self, first_step: int, indices: np.ndarray) -> None:
         """Draw each domain's share from the selected pool indices from ``first_step`` on."""
+        if self.streamed:
+            raise SteeringStateError("a selection cannot be composed under a mixture of streamed domains")
         self._selections = self._registered(self._selections, first_step, _checked_selection(indices, self.pool_size))
 
     def selection_at(self, step: int) -> np.ndarray | None:
@@ -312,6 +322,10 @@ class MixtureSampler(SteeringSampler):
         parts = []
         for d in np.flatnonzero(counts):
             positions = self._cursor[d] + np.arange(counts[d], dtype=np.int64)
+            self._cursor[d] += counts[d]
+            if self.streamed:  # the next rows of the domain's stream, in its order
+                parts.append(encode(np.full_like(positions, d), positions, self.num_domains))
+                continue
             members = selected[d]
             key: tuple[Any, ...] = ("domain", int(d))
             if chosen is not None and len(members):
@@ -319,7 +333,6 @@ class MixtureSampler(SteeringSampler):
             elif chosen is not None:  # nothing of d selected: the whole domain, in a fresh order
                 members, key = self.members[d], ("domain", int(d), sel_first)
             parts.append(members[self._perms.lookup(key, len(members), positions)])
-            self._cursor[d] += counts[d]
         order = torch.randperm(self.global_batch, generator=torch_generator(self.seed, "mix-order", step)).numpy()
         self._cursor_step = step + 1
         self._snapshots[step + 1] = (self._cursor.copy(), self._cursor_selection)

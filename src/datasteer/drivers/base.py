@@ -30,6 +30,7 @@ from datasteer.ops.protocol import NO_MODEL, ModelOperations
 from datasteer.plugins import unwrap
 from datasteer.samplers import MixtureSampler, SelectionSampler
 from datasteer.schedule import Schedule
+from datasteer.streams import decode
 
 A = TypeVar("A")
 
@@ -47,6 +48,13 @@ class RunInfo:
     seed: int
     sampler: MixtureSampler | SelectionSampler | None
     max_steps: int = 0
+    #: The domains are streams (:mod:`datasteer.streams`): ``domains`` is empty and an index
+    #: names its domain itself.
+    streamed: bool = False
+
+    def domain_of(self, indices: np.ndarray) -> np.ndarray:
+        """Domain id of each index of the stream."""
+        return decode(indices, self.num_domains)[0] if self.streamed else self.domains[indices]
 
     @property
     def num_domains(self) -> int:

@@ -152,7 +152,7 @@ class MixDriver(Driver[Mixer]):
 
     def _context(self, update: int, step: int, first: int, last: int, ops: OpsFactory) -> MixContext:
         run = self.run
-        sizes = tuple(len(m) for m in self.sampler.members)
+        sizes = tuple(len(m) for m in self.sampler.members)  # 0 for a streamed domain (size unknown)
         current = (
             torch.from_numpy(self.sampler.plan_at(first)[1]).clone()
             if update >= 0

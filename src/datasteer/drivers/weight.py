@@ -89,7 +89,7 @@ class WeightDriver(Driver[Weighter]):
         losses, indices = rows[:, 0].float(), rows[:, 1].long()
         reference = rows[:, 2].float() if self.reference_model() is not None else None
         embeddings = rows[:, 2 + (reference is not None) :].float() if self.embedding_layer() is not None else None
-        domains = torch.from_numpy(self.run.domains[indices.numpy()])
+        domains = torch.from_numpy(self.run.domain_of(indices.numpy()))
         # Every column the weighter reads must be finite for a sample to be weighed.
         finite = finite_rows(rows[:, 0]) & finite_rows(rows[:, 2:])
         generator = torch_generator(self.run.seed, "weight", step, self._micro)

@@ -43,6 +43,7 @@ from datasteer.ops.losses import token_mean
 from datasteer.ops.reference import load_reference_model, reference_losses
 from datasteer.plan import SteeringPlan, build_plan
 from datasteer.runlog import RunLog
+from datasteer.streams import StreamedDomains, streamed_names
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +162,8 @@ class SteeringMixin:
         steering: the ``datasteer:`` block (a mapping, a parsed :class:`SteeringConfig`, or a
             built :class:`SteeringPlan`, whose algorithms are then used as they are);
             ``None`` leaves the Trainer unchanged.
-        domains: one domain label per training row (default: the ``domain`` column).
+        domains: one domain label per training row (default: the ``domain`` column). A
+            :class:`~datasteer.streams.StreamedDomains` training set names its own domains.
         domain_names: the domain names, in proportion order (default: order of appearance).
     """
 
@@ -178,7 +180,13 @@ class SteeringMixin:
         # Domains are read before the Trainer (e.g. TRL's) processes the dataset, which may
         # drop the domain column; the row count must survive that processing.
         raw = kwargs.get("train_dataset")
-        if steering is not None and raw is not None and hasattr(raw, "__len__"):
+        streamed = isinstance(raw, StreamedDomains)
+        resolved: tuple[np.ndarray | None, tuple[str, ...]]
+        if isinstance(raw, StreamedDomains):
+            if domains is not None:
+                raise ConfigError("domains: streamed domains name their own domains; drop domains=")
+            resolved = (None, streamed_names(raw, domain_names))
+        elif steering is not None and raw is not None and hasattr(raw, "__len__"):
             resolved = resolve_domains(raw, domains, domain_names)
         plan = None if steering is None else steering if isinstance(steering, SteeringPlan) else build_plan(steering)
         super().__init__(*args, **kwargs)
@@ -204,7 +212,7 @@ class SteeringMixin:
             raise ConfigError("datasteer: steering needs a map-style training dataset with a length")
         if raw is None:
             resolved = resolve_domains(dataset, domains, domain_names)
-        if len(resolved[0]) != len(dataset):
+        if resolved[0] is not None and len(resolved[0]) != len(dataset):
             raise ConfigError(
                 f"domains: the trainer turned {len(resolved[0])} training rows into {len(dataset)} "
                 "(packing?); disable it or pass one domain label per processed row as domains="
@@ -232,6 +240,7 @@ class SteeringMixin:
             seed=config.seed if config.seed is not None else args_.seed,
             lag=lag,
             log=log,
+            stream_steps=args_.max_steps if streamed else None,
         )
         if self.steering.needs_sample_losses and getattr(args_, "use_liger_kernel", False):
             raise ConfigError(

@@ -25,10 +25,12 @@ from typing import Any
 
 import numpy as np
 
+from datasteer.controller import check_streamable
 from datasteer.errors import ConfigError
 from datasteer.integrations import llamafactory_checks as checks
 from datasteer.integrations.hf import SteeringMixin
 from datasteer.plan import SteeringPlan
+from datasteer.streams import StreamedDomains
 from datasteer.validate import first_line
 
 logger = logging.getLogger(__name__)
@@ -42,7 +44,8 @@ class _Domains:
     """Domain labels of the concatenated training set, filled by the data loader."""
 
     names: tuple[str, ...] = ()
-    ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    #: None when the domains are streams (``streaming: true``)
+    ids: np.ndarray | None = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 def check_version() -> str:
@@ -108,8 +111,8 @@ def _check_steerable(steering: SteeringPlan, data_args: Any, training_args: Any,
         raise ConfigError("do_train: a steered run must train; set do_train: true")
     if not data_args.dataset:
         raise ConfigError("dataset: name at least one training dataset")
-    if data_args.streaming:
-        raise ConfigError("streaming: steering needs a map-style dataset; set streaming: false")
+    if data_args.streaming:  # each dataset is a domain stream (datasteer.streams)
+        check_streamable(steering, training_args.max_steps)
     if data_args.mix_strategy != "concat":
         raise ConfigError("mix_strategy: datasteer mixes the datasets itself; use mix_strategy: concat")
     if data_args.tokenized_path is not None:
@@ -182,7 +185,8 @@ def _per_domain_loader(original: Any, domains: _Domains, check: Any = None) -> A
             trains.append(module["train_dataset"])
             if "eval_dataset" in module:
                 evals[name] = module["eval_dataset"]
-            logger.info("datasteer: domain %r has %d training rows", name, len(module["train_dataset"]))
+            if not data_args.streaming:
+                logger.info("datasteer: domain %r has %d training rows", name, len(module["train_dataset"]))
         if data_args.eval_dataset:
             sub = copy.copy(data_args)
             sub.dataset = None
@@ -193,14 +197,21 @@ def _per_domain_loader(original: Any, domains: _Domains, check: Any = None) -> A
                 evals.update(extra)
             else:
                 evals["eval"] = extra
+        domains.names = tuple(names)
+        result: dict[str, Any] = {}
+        if evals:
+            result["eval_dataset"] = evals if len(evals) > 1 else next(iter(evals.values()))
+        if data_args.streaming:
+            # Read as the mixture asks; a domain without rows fails when it is first read.
+            domains.ids = None
+            result["train_dataset"] = StreamedDomains(dict(zip(names, trains, strict=True)))
+            logger.info("datasteer: %d domains are streamed: %s", len(names), ", ".join(names))
+            return result
         empty = [n for n, ds in zip(names, trains, strict=True) if len(ds) == 0]
         if empty:
             raise ConfigError(f"dataset: domains {empty} have no training rows after preprocessing")
-        domains.names = tuple(names)
         domains.ids = np.concatenate([np.full(len(ds), k, dtype=np.int64) for k, ds in enumerate(trains)])
-        result: dict[str, Any] = {"train_dataset": concatenate_datasets(trains)}
-        if evals:
-            result["eval_dataset"] = evals if len(evals) > 1 else next(iter(evals.values()))
+        result["train_dataset"] = concatenate_datasets(trains)
         if check is not None:
             check(result, domains, model_args)
         return result
@@ -237,6 +248,7 @@ def steered_workflow(steering: SteeringPlan, parsed: Any = None) -> Iterator[Non
     domains = _Domains()
 
     def check(module: dict[str, Any], loaded: _Domains, model_args: Any) -> None:
+        assert loaded.ids is not None  # streamed domains are not checked row by row
         checks.check_pool(steering, module, loaded.ids, loaded.names, model_args)
 
     swaps = [

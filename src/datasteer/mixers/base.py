@@ -38,10 +38,11 @@ class MixContext(UpdateContext):
     the K domains in proportion order):
 
     Attributes:
-        domain_sizes: number of pool samples in each domain.
+        domain_sizes: number of pool samples in each domain (0 for a streamed domain,
+            whose size is unknown).
         proportions: the proportions in force now, shape ``(K,)``, float64.
         domains: domain id of each pool sample, shape ``(pool_size,)`` (for mixers that
-            evaluate the model on pool samples of each domain).
+            evaluate the model on pool samples of each domain; empty for streamed domains).
     """
 
     domain_sizes: tuple[int, ...]
@@ -93,6 +94,9 @@ class Mixer(Algorithm[Any]):
 
     #: False for mixers whose proportions never change: the driver then skips updates.
     adaptive: ClassVar[bool] = True
+    #: True for mixers that read pool rows of each domain (``MixContext.domains``): streamed
+    #: domains (:mod:`datasteer.streams`) have none, and refuse them.
+    needs_pool: ClassVar[bool] = False
 
     def report(self) -> dict[str, torch.Tensor | float]:
         """Statistics behind the latest proportions, added to each update's record; ``(K,)``

@@ -116,6 +116,7 @@ class DynamicMoEMixer(Mixer):
 
     Params = DynamicMoEParams
     needs_model = True
+    needs_pool = True
 
     def __init__(self, params: DynamicMoEParams) -> None:
         super().__init__(params)

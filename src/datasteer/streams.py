@@ -1,0 +1,178 @@
+"""Streamed domains: mix corpora that are read as streams, never held whole.
+
+A mixture needs no random access: each step takes ``count_d`` samples of domain ``d``,
+and a stream can give its next rows. :class:`StreamedDomains` puts one stream per domain
+(a ``datasets.IterableDataset``: LLaMA-Factory's ``streaming: true`` data, or local
+jsonl / parquet / arrow files opened with :func:`open_stream`) behind the map-style
+interface the Trainer and the steering sampler already use. An index names a row by
+its domain and its position in that domain's stream, ``index = position * K + domain``:
+
+* the :class:`~datasteer.samplers.MixtureSampler` decides, per step, how many rows of each
+  domain to take and hands out consecutive positions; the per-domain positions are part of
+  the saved steering state, so a resume continues each stream exactly where it stopped;
+* every rank computes the same global stream and trains its own micro-batches of each
+  step, so the ranks train disjoint rows, and 2 processes train exactly the rows of 1;
+* a stream is read forward once per process: each rank reads past the rows the other
+  ranks train (a sequential read, no random access), and only the rows in flight are in
+  memory. A stream that ends starts over (the next pass of that domain).
+
+Rows are read in the stream's order (shuffle the source, e.g. ``IterableDataset.shuffle``
+with a buffer, for another order): the stream is the data's order, the mixture decides
+which domain each slot comes from.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from datasteer.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+#: File suffixes :func:`open_stream` reads, and the ``datasets`` builder of each.
+_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
+
+
+def encode(domains: np.ndarray, positions: np.ndarray, num_domains: int) -> np.ndarray:
+    """Stream indices of rows ``positions`` of ``domains`` (``position * K + domain``)."""
+    return np.asarray(positions, dtype=np.int64) * num_domains + np.asarray(domains, dtype=np.int64)
+
+
+def decode(indices: Any, num_domains: int) -> tuple[np.ndarray, np.ndarray]:
+    """(domain, position) of each stream index."""
+    idx = np.asarray(indices, dtype=np.int64)
+    return idx % num_domains, idx // num_domains
+
+
+def open_stream(path: str | Path, transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> Any:
+    """A ``datasets.IterableDataset`` over a local file or a directory of files (read lazily).
+
+    ``path``: one ``.jsonl``/``.json``/``.parquet``/``.arrow`` file, or a directory of them
+    (read in sorted name order). ``transform`` (e.g. tokenization) is applied to each row as
+    it is read.
+    """
+    from datasets import load_dataset
+
+    root = Path(path)
+    files = sorted(p for p in root.iterdir() if p.suffix in _BUILDERS) if root.is_dir() else [root]
+    if not root.exists():
+        raise ConfigError(f"stream {str(path)!r}: no such file or directory")
+    if not files:
+        raise ConfigError(f"stream {str(path)!r}: holds no {'/'.join(_BUILDERS)} files")
+    builders = {_BUILDERS.get(p.suffix) for p in files}
+    if None in builders or len(builders) != 1:
+        raise ConfigError(f"stream {str(path)!r}: files must all be one of {', '.join(_BUILDERS)}")
+    stream = load_dataset(builders.pop(), data_files=[str(p) for p in files], split="train", streaming=True)
+    return stream if transform is None else stream.map(transform)
+
+
+class _Cursor:
+    """Reads one domain's stream forward; position ``p`` is row ``p mod length``."""
+
+    def __init__(self, name: str, source: Iterable[Any]) -> None:
+        self.name = name
+        self.source = source
+        self.length: int | None = None  # known once the stream has ended once
+        self._iterator: Iterator[Any] | None = None
+        self._next = 0  # stream row the iterator yields next
+        self._last: tuple[int, Any] | None = None  # (row, value) of the last row read
+
+    def _restart(self, row: int) -> None:
+        skip = getattr(self.source, "skip", None)
+        if row > 0 and callable(skip):
+            self._iterator, self._next = iter(skip(row)), row
+        else:
+            self._iterator, self._next = iter(self.source), 0
+
+    def row(self, position: int) -> Any:
+        """The stream's row at ``position`` (rows are read forward; an earlier one restarts)."""
+        row = position if self.length is None else position % self.length
+        if self._last is not None and self._last[0] == row:
+            return self._last[1]
+        if self._iterator is None or row < self._next:
+            self._restart(row)
+        assert self._iterator is not None
+        while True:
+            try:
+                value = next(self._iterator)
+            except StopIteration:
+                if self._next == 0:
+                    raise ConfigError(f"stream of domain {self.name!r} has no rows") from None
+                self.length = self._next
+                logger.info(
+                    "datasteer: the stream of domain %r ended after %d rows; it starts over", self.name, self.length
+                )
+                row %= self.length
+                self._restart(row)
+                continue
+            self._next += 1
+            if self._next - 1 == row:
+                self._last = (row, value)
+                return value
+
+
+class StreamedDomains(torch.utils.data.Dataset):
+    """K domain streams as one map-style dataset, indexed by ``position * K + domain``.
+
+    Args:
+        streams: ``{domain name: iterable of rows}``, in proportion order. A
+            ``datasets.IterableDataset`` is resumed with its ``skip``; any other iterable is
+            read again from its start.
+        length: what ``len()`` reports (the Trainer asks for one; the steering sampler, not
+            this number, decides what is read). Default: a large number.
+    """
+
+    def __init__(self, streams: Mapping[str, Iterable[Any]], length: int = 2**40) -> None:
+        if not streams:
+            raise ConfigError("streams: name at least one domain stream")
+        self.domain_names: tuple[str, ...] = tuple(streams)
+        self._cursors = [_Cursor(name, source) for name, source in streams.items()]
+        self._length = length
+
+    @classmethod
+    def from_paths(
+        cls,
+        paths: Mapping[str, str | Path],
+        transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> StreamedDomains:
+        """One :func:`open_stream` per domain: ``{domain name: file or directory}``."""
+        return cls({name: open_stream(path, transform) for name, path in paths.items()})
+
+    @property
+    def num_domains(self) -> int:
+        return len(self.domain_names)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: int) -> Any:
+        domain, position = divmod_index(int(index), self.num_domains)
+        return self._cursors[domain].row(position)
+
+    def lengths(self) -> list[int | None]:
+        """Rows of each domain's stream, where it has been read to its end (else None)."""
+        return [c.length for c in self._cursors]
+
+
+def divmod_index(index: int, num_domains: int) -> tuple[int, int]:
+    """(domain, position) of one stream index."""
+    position, domain = divmod(index, num_domains)
+    return domain, position
+
+
+def is_streamed(dataset: Any) -> bool:
+    """Whether ``dataset`` is (or wraps) a :class:`StreamedDomains`."""
+    return isinstance(dataset, StreamedDomains) or isinstance(getattr(dataset, "base", None), StreamedDomains)
+
+
+def streamed_names(dataset: StreamedDomains, names: Sequence[str] | None) -> tuple[str, ...]:
+    """The domain names of a streamed dataset (``names``, if given, must be the same)."""
+    if names is not None and tuple(names) != dataset.domain_names:
+        raise ConfigError(f"domain_names: {list(names)} differ from the streams' domains {list(dataset.domain_names)}")
+    return dataset.domain_names

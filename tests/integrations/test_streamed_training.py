@@ -1,0 +1,86 @@
+"""Training on streamed domains through the Hugging Face Trainer: the mixture reads each
+stream in order, and a resume continues every stream where it stopped."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from tests.factories import make_streams, steering_records, without_seconds
+from tests.integrations.test_hf_trainer import StopAt, run
+
+from datasteer.errors import ConfigError
+from datasteer.streams import decode
+
+ODM = {"paradigm": "mix", "algorithm": "odm", "update_every": 1}
+COMPOSED = {"mix": {"algorithm": "random", "update_every": 2}, "weight": {"algorithm": "loss"}, "seed": 5}
+
+
+def trained_positions(served: dict[int, list[int]]) -> dict[int, list[int]]:
+    positions: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    for step in sorted(served):
+        domains, rows = decode(served[step], 3)
+        for d in range(3):
+            positions[d].extend(sorted(rows[domains == d].tolist()))
+    return positions
+
+
+def test_a_streamed_run_trains_each_streams_rows_in_order(tmp_path: Path) -> None:
+    trainer = run(tmp_path / "out", ODM, max_steps=8, dataset=make_streams(tmp_path / "streams"))
+    positions = trained_positions(trainer.served())
+    assert sum(map(len, positions.values())) == 8 * 8
+    for rows in positions.values():
+        assert rows == list(range(len(rows)))
+    records = steering_records(tmp_path / "out" / "steering.jsonl")
+    assert len({tuple(r["proportions"].values()) for r in records if "proportions" in r}) > 1  # odm moved
+
+
+def test_a_stream_shorter_than_the_run_starts_over(tmp_path: Path) -> None:
+    streams = make_streams(tmp_path / "streams", sizes=(3, 3, 3))
+    trainer = run(tmp_path / "out", {"paradigm": "mix", "algorithm": "static"}, max_steps=6, dataset=streams)
+    assert sum(len(v) for v in trainer.served().values()) == 48  # 16 rows per domain from 3 each
+    assert streams.lengths() == [3, 3, 3]
+
+
+@pytest.mark.parametrize("steering", [ODM, COMPOSED], ids=["odm", "random+loss weights"])
+def test_a_streamed_resume_matches_an_uninterrupted_run(tmp_path: Path, steering: dict[str, Any]) -> None:
+    full = run(tmp_path / "full", steering, max_steps=9, save_steps=4, dataset=make_streams(tmp_path / "s1"))
+    part = tmp_path / "part"
+    run(part, steering, max_steps=9, save_steps=4, callbacks=[StopAt(6)], dataset=make_streams(tmp_path / "s2"))
+    state = torch.load(part / "checkpoint-4" / "steering_state.pt", weights_only=False)
+    assert "cursor" in str(state)  # the per-domain stream positions are saved
+    resumed = run(
+        part,
+        steering,
+        max_steps=9,
+        save_steps=4,
+        resume=str(part / "checkpoint-4"),
+        dataset=make_streams(tmp_path / "s3"),
+    )
+    full_served = full.served()
+    assert {s: full_served[s] for s in range(5, 10)} == resumed.served()
+    assert without_seconds(steering_records(part / "steering.jsonl")) == without_seconds(
+        steering_records(tmp_path / "full" / "steering.jsonl")
+    )
+    for a, b in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_streams_refuse_domain_labels(tmp_path: Path) -> None:
+    from tests.factories import make_model, training_args
+    from transformers import default_data_collator
+
+    from datasteer.hf import SteeringTrainer
+
+    with pytest.raises(ConfigError, match="name their own domains"):
+        SteeringTrainer(
+            model=make_model(),
+            args=training_args(tmp_path, max_steps=2),
+            train_dataset=make_streams(tmp_path / "s"),
+            data_collator=default_data_collator,
+            steering=ODM,
+            domains=np.zeros(3, dtype=np.int64),
+        )
