@@ -393,7 +393,23 @@ CASES = [
     Case("val-size-negative", r"val_size: must be >= 0", ("val_size=-0.1",)),
     Case("max-samples-0", r"max_samples: must be >= 1 or null, got 0", ("max_samples=0",)),
     Case("no-training", r"do_train: a steered run must train", ("do_train=false",)),
-    Case("streaming", r"streaming: steering needs a map-style dataset", ("streaming=true",)),
+    Case(
+        "streaming-select",
+        r"select/loss: streamed domains need a mix stage .* select needs a map-style pool",
+        ("streaming=true",),
+        example="select_loss.yaml",
+    ),
+    Case(
+        "streaming-no-workers",
+        r"dataloader_num_workers: LLaMA-Factory streams a local dataset file in dataloader_num_workers shards",
+        ("streaming=true", "dataloader_num_workers=0"),
+    ),
+    Case(
+        "streaming-moe",
+        r"dynamic_moe: this mixer evaluates the model on pool rows",
+        ("streaming=true",),
+        example="mix_dynamic_moe.yaml",
+    ),
     Case("mix-strategy", r"mix_strategy: datasteer mixes the datasets itself", ("mix_strategy=interleave_under",)),
     Case("ignore-data-skip", r"ignore_data_skip: datasteer resumes exactly", ("ignore_data_skip=true",)),
     Case(

@@ -113,6 +113,11 @@ def _check_steerable(steering: SteeringPlan, data_args: Any, training_args: Any,
         raise ConfigError("dataset: name at least one training dataset")
     if data_args.streaming:  # each dataset is a domain stream (datasteer.streams)
         check_streamable(steering, training_args.max_steps)
+        if training_args.dataloader_num_workers < 1:
+            raise ConfigError(
+                "dataloader_num_workers: LLaMA-Factory streams a local dataset file in dataloader_num_workers "
+                "shards, and 0 gives an empty stream; set it to 1 or more with streaming: true"
+            )
     if data_args.mix_strategy != "concat":
         raise ConfigError("mix_strategy: datasteer mixes the datasets itself; use mix_strategy: concat")
     if data_args.tokenized_path is not None:
