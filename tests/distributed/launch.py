@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -10,8 +11,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 #: The folder of the worker scripts.
 WORKERS = Path(__file__).resolve().parent
+#: Marks a test (or parameter) that runs a DeepSpeed engine: skipped without the deepspeed extra.
+NEEDS_DEEPSPEED = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs the deepspeed extra")
 
 
 def free_port() -> int:

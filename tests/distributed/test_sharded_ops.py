@@ -3,16 +3,14 @@ processes, equal those of the plain model in one process."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
-from tests.distributed.launch import WORKERS, launch
+from tests.distributed.launch import NEEDS_DEEPSPEED, WORKERS, launch
 
 WORKER = WORKERS / "zero3_worker.py"
 FEATURES = ("logra", "vmap", "dense", "loop", "losses", "embeddings")
-NEEDS_DEEPSPEED = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs the deepspeed extra")
 
 
 @pytest.mark.slow

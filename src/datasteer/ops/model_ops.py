@@ -396,7 +396,9 @@ class ModelOps:
         shares of the groups, and a rank with fewer groups repeats group 0 (discarded). So
         the sampling and gradient batches, hence the rows, do not depend on the number of
         ranks, and every rank makes the same number of ``generate`` calls and gradient
-        batches (with ``logra`` on sharded parameters their gathers are collective).
+        batches (with ``logra`` on sharded parameters their gathers are collective). On
+        sharded parameters each ``generate`` call also steps in sync across ranks, until
+        every rank's responses have ended (see :func:`~datasteer.ops.policy_gradient.sample_responses`).
 
         Raises:
             ConfigError: a row has no prompt or no response (not a prompt/response row).
@@ -419,7 +421,7 @@ class ModelOps:
         per = -(-n_groups // dist.world_size())
         groups = [*range(start, stop), *[0] * (per - (stop - start))]
         slots = [p if p < len(idx) else 0 for g in groups for p in range(g * size, (g + 1) * size)]
-        with self._parameters_for(config):  # sampling then needs no collective either
+        with self._parameters_for(config):  # logra samples through the engine's hooks too
             local = policy_gradient_features(
                 self.model,
                 [targets[p] for p in slots],

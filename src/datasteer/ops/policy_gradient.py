@@ -27,6 +27,7 @@ from datasteer.ops.gradients import GradFeatureConfig, grad_features
 from datasteer.ops.hub import local_files_only
 from datasteer.ops.losses import IGNORE_INDEX
 from datasteer.ops.rewards import RewardFn, Target, eos_ids
+from datasteer.ops.sharding import param_sharding
 from datasteer.rng import derive_seed
 
 logger = logging.getLogger(__name__)
@@ -56,8 +57,17 @@ def sample_responses(
     Each response is cut right after its first EOS (kept: stopping is part of the
     response). The draws use the global RNG (transformers has no generator argument), so
     they run in a forked RNG seeded with ``seed``; the caller's RNG state is unchanged.
+
+    With sharded parameters (DeepSpeed ZeRO-3, FSDP2) every forward gathers parameters
+    collectively, so a rank whose responses all end early must keep stepping until every
+    rank's have: ``generate`` runs with ``synced_gpus`` (it all-reduces "finished" each step
+    and runs dummy forwards meanwhile). transformers turns that on by itself only under
+    FSDP or when its own DeepSpeed config is live (a ``Trainer`` run), not for an engine
+    built with ``deepspeed.initialize``; so it is set here. Every rank must then make the
+    same number of calls (:meth:`datasteer.ops.ModelOps.policy_gradient_features` does).
     """
     device = next(policy.parameters()).device
+    synced = dist.is_distributed() and param_sharding(policy) != "none"
     width = max(len(p) for p in prompts)
     pad = min(eos)  # only ever masked out
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
@@ -75,6 +85,7 @@ def sample_responses(
             top_p=sampling.top_p,
             pad_token_id=pad,
             eos_token_id=sorted(eos),
+            synced_gpus=synced,
         )
     responses = []
     for row in out[:, width:].tolist():
