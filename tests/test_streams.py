@@ -53,15 +53,24 @@ def test_an_index_names_a_domain_and_a_position_in_its_stream() -> None:
 
 def test_a_stream_is_read_forward_once_and_starts_over_at_its_end() -> None:
     a, b = Counting(5), Counting(3)
-    streams = StreamedDomains({"a": a, "b": b})
+    streams = StreamedDomains({"a": a, "b": b}, window=2)
     # a: positions 0, 1, 2 (indices 0, 2, 4); b: positions 0..4 wrap to rows 0 1 2 0 1
     assert [streams[i] for i in (0, 2, 4)] == [0, 1, 2]
     assert a.opened == 1 and a.read == 3
     assert [streams[2 * p + 1] for p in range(5)] == [0, 1, 2, 0, 1]
     assert streams.lengths() == [None, 3]
-    assert streams[2 * 2] == 2 and a.opened == 1  # the row just read again: no re-read
-    assert streams[2 * 1] == 1 and a.opened == 2  # an earlier row: the stream restarts
+    assert streams[2 * 1] == 1 and a.opened == 1  # within the window (rows 1, 2): no re-read
+    assert streams[2 * 0] == 0 and a.opened == 2  # before it: the stream restarts
     assert streams[2 * 9 + 1] == 0  # b's position 9 is row 9 mod 3
+    assert streams.restarts() == [2, 2]  # b restarted once at its end; its row 0 was in the window
+
+
+def test_rows_asked_for_out_of_order_within_the_window_are_read_once() -> None:
+    a = Counting(100)
+    streams = StreamedDomains({"a": a}, window=8)
+    for first in range(0, 96, 8):  # each step's 8 rows, shuffled
+        assert [streams[first + i] for i in (5, 1, 7, 0, 3, 2, 6, 4)] == [first + i for i in (5, 1, 7, 0, 3, 2, 6, 4)]
+    assert a.opened == 1 and a.read == 96
 
 
 def test_a_stream_that_can_skip_restarts_at_the_row_asked_for() -> None:

@@ -24,6 +24,7 @@ which domain each slot comes from.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,8 +55,8 @@ def open_stream(path: str | Path, transform: Callable[[dict[str, Any]], dict[str
     """A ``datasets.IterableDataset`` over a local file or a directory of files (read lazily).
 
     ``path``: one ``.jsonl``/``.json``/``.parquet``/``.arrow`` file, or a directory of them
-    (read in sorted name order). ``transform`` (e.g. tokenization) is applied to each row as
-    it is read.
+    (read in sorted name order). ``transform`` (e.g. tokenization) turns each row, as it is
+    read, into the row the data collator gets.
     """
     from datasets import load_dataset
 
@@ -69,21 +70,32 @@ def open_stream(path: str | Path, transform: Callable[[dict[str, Any]], dict[str
     if None in builders or len(builders) != 1:
         raise ConfigError(f"stream {str(path)!r}: files must all be one of {', '.join(_BUILDERS)}")
     stream = load_dataset(builders.pop(), data_files=[str(p) for p in files], split="train", streaming=True)
-    return stream if transform is None else stream.map(transform)
+    if transform is None:
+        return stream
+    columns = stream.column_names or list(next(iter(stream), {}))
+    return stream.map(transform, remove_columns=columns)  # the transform's output replaces the row
 
 
 class _Cursor:
-    """Reads one domain's stream forward; position ``p`` is row ``p mod length``."""
+    """Reads one domain's stream forward; position ``p`` is row ``p mod length``.
 
-    def __init__(self, name: str, source: Iterable[Any]) -> None:
+    The last ``window`` rows read are kept: a step's rows are served shuffled, so a domain's
+    rows are asked for slightly out of order, and an earlier row outside the window
+    restarts the stream.
+    """
+
+    def __init__(self, name: str, source: Iterable[Any], window: int) -> None:
         self.name = name
         self.source = source
+        self.window = window
         self.length: int | None = None  # known once the stream has ended once
+        self.restarts = 0
         self._iterator: Iterator[Any] | None = None
         self._next = 0  # stream row the iterator yields next
-        self._last: tuple[int, Any] | None = None  # (row, value) of the last row read
+        self._recent: OrderedDict[int, Any] = OrderedDict()
 
     def _restart(self, row: int) -> None:
+        self.restarts += 1
         skip = getattr(self.source, "skip", None)
         if row > 0 and callable(skip):
             self._iterator, self._next = iter(skip(row)), row
@@ -91,10 +103,10 @@ class _Cursor:
             self._iterator, self._next = iter(self.source), 0
 
     def row(self, position: int) -> Any:
-        """The stream's row at ``position`` (rows are read forward; an earlier one restarts)."""
+        """The stream's row at ``position``."""
         row = position if self.length is None else position % self.length
-        if self._last is not None and self._last[0] == row:
-            return self._last[1]
+        if row in self._recent:
+            return self._recent[row]
         if self._iterator is None or row < self._next:
             self._restart(row)
         assert self._iterator is not None
@@ -109,11 +121,15 @@ class _Cursor:
                     "datasteer: the stream of domain %r ended after %d rows; it starts over", self.name, self.length
                 )
                 row %= self.length
+                if row in self._recent:
+                    return self._recent[row]
                 self._restart(row)
                 continue
+            self._recent[self._next] = value
+            if len(self._recent) > self.window:
+                self._recent.popitem(last=False)
             self._next += 1
             if self._next - 1 == row:
-                self._last = (row, value)
                 return value
 
 
@@ -126,13 +142,17 @@ class StreamedDomains(torch.utils.data.Dataset):
             read again from its start.
         length: what ``len()`` reports (the Trainer asks for one; the steering sampler, not
             this number, decides what is read). Default: a large number.
+        window: rows of each stream kept after they are read (at least the global batch: a
+            step's rows are served in shuffled order).
     """
 
-    def __init__(self, streams: Mapping[str, Iterable[Any]], length: int = 2**40) -> None:
+    def __init__(self, streams: Mapping[str, Iterable[Any]], length: int = 2**40, window: int = 4096) -> None:
         if not streams:
             raise ConfigError("streams: name at least one domain stream")
+        if window < 1:
+            raise ConfigError(f"window: must be >= 1, got {window}")
         self.domain_names: tuple[str, ...] = tuple(streams)
-        self._cursors = [_Cursor(name, source) for name, source in streams.items()]
+        self._cursors = [_Cursor(name, source, window) for name, source in streams.items()]
         self._length = length
 
     @classmethod
@@ -158,6 +178,10 @@ class StreamedDomains(torch.utils.data.Dataset):
     def lengths(self) -> list[int | None]:
         """Rows of each domain's stream, where it has been read to its end (else None)."""
         return [c.length for c in self._cursors]
+
+    def restarts(self) -> list[int]:
+        """How often each stream was opened (once, plus once per read before its window)."""
+        return [c.restarts for c in self._cursors]
 
 
 def divmod_index(index: int, num_domains: int) -> tuple[int, int]:
