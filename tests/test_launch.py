@@ -15,7 +15,7 @@ import pytest
 
 from datasteer.cli import main
 from datasteer.errors import ConfigError
-from datasteer.launch import LaunchSettings, in_worker, launch_settings, torchrun_command
+from datasteer.launch import LaunchSettings, free_port, in_worker, launch_settings, torchrun_command
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -127,25 +127,47 @@ TRACE = textwrap.dedent(
 )
 
 
-def train(
-    tmp_path: Path, name: str, example: str, *args: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
+DATASTEER = [sys.executable, "-m", "datasteer", "train"]
+BIN = Path(sys.executable).parent
+
+
+def environment(tmp_path: Path, name: str, env: dict[str, str] | None = None) -> dict[str, str]:
+    """Offline, one thread per process, and the trace of collated batches written to ``tmp_path/name.rank<r>``."""
     (tmp_path / "site").mkdir(exist_ok=True)
     (tmp_path / "site" / "sitecustomize.py").write_text(TRACE)
-    environ = {
+    return {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")]),
         "OMP_NUM_THREADS": "1",
         "HF_HUB_OFFLINE": "1",
+        "DS_ACCELERATOR": "cpu",
         "DATASTEER_TEST_TRACE": str(tmp_path / name),
         **(env or {}),
     }
-    cmd = [sys.executable, "-m", "datasteer", "train", str(EXAMPLES / example), *args]
-    cmd += [f"output_dir={tmp_path / name}", "max_steps=4", "save_steps=100", "logging_steps=1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=environ, timeout=600)
+
+
+def command(tmp_path: Path, name: str, example: str, *args: str, launcher: list[str] = DATASTEER) -> list[str]:
+    cmd = [*launcher, str(EXAMPLES / example), *args]
+    return [*cmd, f"output_dir={tmp_path / name}", "max_steps=4", "save_steps=100", "logging_steps=1"]
+
+
+def finished(proc: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "terminate called" not in proc.stderr
     return proc
+
+
+def train(
+    tmp_path: Path,
+    name: str,
+    example: str,
+    *args: str,
+    env: dict[str, str] | None = None,
+    launcher: list[str] = DATASTEER,
+) -> subprocess.CompletedProcess[str]:
+    cmd = command(tmp_path, name, example, *args, launcher=launcher)
+    environ = environment(tmp_path, name, env)
+    return finished(subprocess.run(cmd, capture_output=True, text=True, env=environ, timeout=600))
 
 
 def steps(tmp_path: Path, name: str, rank: int, max_steps: int = 4) -> list[list[int]]:
@@ -188,3 +210,65 @@ def test_force_torchrun_starts_workers_that_log_the_same_decisions(tmp_path: Pat
     )
     logged = decisions(proc.stderr)
     assert len(logged) >= 4 and set(logged.values()) == {2}  # every decision, once per rank
+
+
+def assert_same_stream(tmp_path: Path, example: str, name: str) -> None:
+    """The 2-rank run ``name`` trained the stream of a 1-process run of ``example``, split in two."""
+    train(tmp_path, "one", example)
+    one, r0, r1 = steps(tmp_path, "one", 0), steps(tmp_path, name, 0), steps(tmp_path, name, 1)
+    assert len(one) == 4
+    for step, (a, b, single) in enumerate(zip(r0, r1, one, strict=True), start=1):
+        assert not set(a) & set(b), step
+        assert sorted(a + b) == sorted(single), step
+
+
+@pytest.mark.slow
+def test_accelerate_launch_starts_the_workers(tmp_path: Path) -> None:
+    launcher = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    launcher += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+    train(
+        tmp_path, "two", "mix_random.yaml", "per_device_train_batch_size=4", launcher=[*launcher, "-m", *DATASTEER[2:]]
+    )
+    assert_same_stream(tmp_path, "mix_random.yaml", "two")
+
+
+@pytest.mark.slow
+def test_the_deepspeed_launcher_with_zero3_from_the_yaml(tmp_path: Path) -> None:
+    launcher = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--no_local_rank"]
+    proc = train(
+        tmp_path,
+        "two",
+        "mix_odm.yaml",
+        "per_device_train_batch_size=4",
+        f"deepspeed={EXAMPLES / 'deepspeed' / 'ds_z3_config.json'}",
+        launcher=[*launcher, "--module", *DATASTEER[2:]],
+    )
+    assert "Detected DeepSpeed ZeRO-3" in proc.stderr
+    logged = decisions(proc.stderr)
+    assert len(logged) >= 4 and set(logged.values()) == {2}
+
+
+@pytest.mark.slow
+def test_two_nodes_of_one_worker_meet_on_one_rendezvous(tmp_path: Path) -> None:
+    """Two torchrun agents on one machine (loopback), as two nodes of one run would be."""
+    port, environ = str(free_port()), environment(tmp_path, "nodes")
+    nodes = [
+        subprocess.Popen(
+            command(
+                tmp_path,
+                "nodes",
+                "mix_scheduled.yaml",
+                *("--nproc", "1", "--nnodes", "2", "--node-rank", str(rank)),
+                *("--master-addr", "127.0.0.1", "--master-port", port, "per_device_train_batch_size=4"),
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=environ,
+        )
+        for rank in (0, 1)
+    ]
+    for node in nodes:
+        out, err = node.communicate(timeout=600)
+        finished(subprocess.CompletedProcess(node.args, node.returncode, out, err))
+    assert_same_stream(tmp_path, "mix_scheduled.yaml", "nodes")

@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch.distributed as dist
-from tests.factories import make_dataset, make_model, make_sft_dataset, training_args
+from tests.factories import make_dataset, make_model, make_sft_dataset, make_streams, training_args
 from transformers import TrainingArguments, default_data_collator
 
 from datasteer.hf import SteeringTrainer
@@ -54,6 +55,8 @@ STEERING = {
         "seed": 9,
         "params": {"reference_model": os.environ.get("DATASTEER_TEST_REFERENCE", "")},
     },
+    # a mixture of streamed domains (tests.factories.make_streams), with loss weights
+    "stream": {"mix": {"algorithm": "random", "update_every": 2}, "weight": {"algorithm": "loss"}, "seed": 9},
     "near": {"paradigm": "select", "algorithm": "near", "warmup_steps": 1, "update_every": 3, "seed": 9},
     "cluster_less": {
         "paradigm": "select",
@@ -134,7 +137,7 @@ def main() -> None:
     trainer = Recording(
         model=make_model(),
         args=args,
-        train_dataset=make_dataset(),
+        train_dataset=make_streams(Path(tempfile.mkdtemp())) if paradigm == "stream" else make_dataset(),
         eval_dataset=targets.remove_columns("domain"),
         data_collator=default_data_collator,
         steering=STEERING[paradigm],

@@ -40,6 +40,23 @@ def test_two_ranks_agree_and_match_one_process(tmp_path: Path, paradigm: str) ->
 
 
 @pytest.mark.slow
+def test_two_ranks_read_disjoint_rows_of_the_streams_and_train_the_one_process_stream(tmp_path: Path) -> None:
+    launch(WORKER, tmp_path / "one", "stream", nproc=1)
+    launch(WORKER, tmp_path / "two", "stream", nproc=2)
+    (single,), (r0, r1) = read_ranks(tmp_path / "one", 1), read_ranks(tmp_path / "two", 2)
+    assert r0["plans"] == r1["plans"] == single["plans"]
+    one, a, b = per_step(single), per_step(r0), per_step(r1)
+    for step in range(1, 8):
+        assert not set(a[step]) & set(b[step]), step
+        assert sorted(a[step] + b[step]) == sorted(one[step]), step
+    # The weights of each sample are those of one process (the global batch is the same).
+    weights = {i: w for _, idx, ws in single["weights"] for i, w in zip(idx, ws, strict=True)}
+    for _, idx, ws in r0["weights"] + r1["weights"]:
+        for i, w in zip(idx, ws, strict=True):
+            assert w == pytest.approx(weights[i], abs=1e-5)
+
+
+@pytest.mark.slow
 def test_odm_proportions_are_identical_on_both_ranks(tmp_path: Path) -> None:
     """ODM learns from losses: each rank sees only its share, the all-reduced statistics agree."""
     launch(WORKER, tmp_path / "two", "odm", nproc=2)

@@ -126,6 +126,18 @@ def test_resume_through_llamafactory_matches_an_uninterrupted_run(tmp_path: Path
 
 
 @pytest.mark.slow
+def test_the_streaming_example_resumes_after_a_kill_as_if_uninterrupted(tmp_path: Path) -> None:
+    """Four domains read as streams (LLaMA-Factory's streaming: true): the stream positions
+    saved at checkpoint-3 put every stream back where it was."""
+    records = check_resume_after_a_kill(
+        tmp_path, EXAMPLES / "mix_odm_streaming.yaml", ["max_steps=9", "save_steps=3", "logging_steps=1"]
+    )
+    assert len({tuple(r["proportions"].values()) for r in records if "proportions" in r}) > 1
+    state = torch.load(tmp_path / "full" / "checkpoint-3" / STATE_FILE, weights_only=False)
+    assert int(state["sampler"]["cursor"].sum()) == 3 * 8  # rows read from the streams by step 3
+
+
+@pytest.mark.slow
 def test_less_on_the_builtin_corpus_favours_the_targets_domain(tmp_path: Path) -> None:
     """Targets drawn from one domain (held-out arithmetic): LESS selects a clearly larger
     share of that domain than its share of the pool."""
