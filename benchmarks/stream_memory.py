@@ -95,7 +95,10 @@ def child(folder: Path, rows: int) -> dict[str, Any]:
     start = time.perf_counter()
     batches = iter(loader)
     read = 0
+    trace = []  # peak RSS (MiB) after each tenth of the steps
     for step in range(1, steps + 1):
+        if step % max(1, steps // 10) == 0:
+            trace.append(round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
         batch = next(batches)
         read += len(batch[INDEX_KEY])
         ctl.observe(batch[INDEX_KEY])
@@ -109,6 +112,7 @@ def child(folder: Path, rows: int) -> dict[str, Any]:
         "rows_per_s": read / seconds,
         "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "positions": np.asarray(state["cursor"]).tolist(),
+        "peak_trace_mib": trace,
     }
 
 

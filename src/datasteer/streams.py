@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 #: File suffixes :func:`open_stream` reads, and the ``datasets`` builder of each.
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
+#: Bytes of a json stream read (and parsed) at a time.
+_READ_BYTES = 1 << 20
 
 
 def encode(domains: np.ndarray, positions: np.ndarray, num_domains: int) -> np.ndarray:
@@ -66,10 +68,13 @@ def open_stream(path: str | Path, transform: Callable[[dict[str, Any]], dict[str
         raise ConfigError(f"stream {str(path)!r}: no such file or directory")
     if not files:
         raise ConfigError(f"stream {str(path)!r}: holds no {'/'.join(_BUILDERS)} files")
-    builders = {_BUILDERS.get(p.suffix) for p in files}
-    if None in builders or len(builders) != 1:
+    builders = {_BUILDERS.get(p.suffix, "") for p in files}
+    if "" in builders or len(builders) != 1:
         raise ConfigError(f"stream {str(path)!r}: files must all be one of {', '.join(_BUILDERS)}")
-    stream = load_dataset(builders.pop(), data_files=[str(p) for p in files], split="train", streaming=True)
+    builder = builders.pop()
+    # Read a bounded slice at a time: json's default reads 10 MiB per stream, parquet a row group.
+    options: dict[str, Any] = {"json": {"chunksize": _READ_BYTES}, "parquet": {"batch_size": 1024}}.get(builder, {})
+    stream = load_dataset(builder, data_files=[str(p) for p in files], split="train", streaming=True, **options)
     if transform is None:
         return stream
     columns = stream.column_names or list(next(iter(stream), {}))
@@ -142,11 +147,12 @@ class StreamedDomains(torch.utils.data.Dataset):
             read again from its start.
         length: what ``len()`` reports (the Trainer asks for one; the steering sampler, not
             this number, decides what is read). Default: a large number.
-        window: rows of each stream kept after they are read (at least the global batch: a
-            step's rows are served in shuffled order).
+        window: rows of each stream kept after they are read; a steered Trainer raises it
+            to the global batch (a step's rows are served in shuffled order, and a row
+            asked for before the window restarts the stream).
     """
 
-    def __init__(self, streams: Mapping[str, Iterable[Any]], length: int = 2**40, window: int = 4096) -> None:
+    def __init__(self, streams: Mapping[str, Iterable[Any]], length: int = 2**40, window: int = 1024) -> None:
         if not streams:
             raise ConfigError("streams: name at least one domain stream")
         if window < 1:
@@ -174,6 +180,11 @@ class StreamedDomains(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> Any:
         domain, position = divmod_index(int(index), self.num_domains)
         return self._cursors[domain].row(position)
+
+    def hold_steps_of(self, global_batch: int) -> None:
+        """Keep at least one step's rows of each stream: a step's rows arrive in shuffled order."""
+        for cursor in self._cursors:
+            cursor.window = max(cursor.window, global_batch)
 
     def lengths(self) -> list[int | None]:
         """Rows of each domain's stream, where it has been read to its end (else None)."""
