@@ -73,7 +73,7 @@ def arms(tiny_llama: str) -> list[Arm]:
     return [
         Arm("plain", "plain", "mix_static.yaml"),
         Arm("plain_moe", "plain", "mix_dynamic_moe.yaml"),
-        *(Arm(n, "mix", f"mix_{n}.yaml") for n in ("static", "random", "scheduled", "odm")),
+        *(Arm(n, "mix", f"mix_{n}.yaml") for n in ("static", "random", "scheduled", "odm", "aioli", "ado")),
         Arm("doremi", "mix", "mix_doremi_2_proxy.yaml", reference),
         Arm("dynamic_moe", "mix", "mix_dynamic_moe.yaml", baseline="plain_moe"),
         Arm("uniform", "weight", "weight_uniform.yaml"),

@@ -18,6 +18,34 @@ RANDOM = {"paradigm": "select", "algorithm": "random", "warmup_steps": 4, "updat
 NEAR = {"paradigm": "select", "algorithm": "near", "warmup_steps": 4, "update_every": 8, "params": {"neighbours": 32}}
 UNIFORM = {"paradigm": "weight", "algorithm": "uniform"}
 REDUCIBLE = {"paradigm": "weight", "algorithm": "reducible", "params": {"reference_model": "{run:static}"}}
+# Sized for 40 steps of 4 domains: aioli's rounds of 20 steps open with 8 LearnParams steps (one
+# sweep of 2-step intervals); ado's laws are fitted every 10 steps from step 10.
+AIOLI = {
+    "paradigm": "mix",
+    "algorithm": "aioli",
+    "update_every": 1,
+    "params": {"round_steps": 20, "interval_steps": 2, "sweeps": 1, "eta": 1.0},
+}
+ADO = {
+    "paradigm": "mix",
+    "algorithm": "ado",
+    "warmup_steps": 10,
+    "update_every": 1,
+    "params": {"prior": "uniform", "ignore_steps": 2, "fit_every": 10, "fit_stride": 1},
+}
+# DoReMi's three steps: the reference is the static run; the proxy (same model and LoRA) learns
+# the domain weights; the main run trains on them.
+DOREMI_PROXY = {
+    "paradigm": "mix",
+    "algorithm": "doremi",
+    "update_every": 5,
+    "params": {"reference_model": "{run:static}"},
+}
+DOREMI = {
+    "paradigm": "mix",
+    "algorithm": "static",
+    "params": {"proportions_file": "{run:doremi_proxy}/domain_weights.json"},
+}
 COMPOSED = {
     "mix": {"algorithm": "odm", "update_every": 1},
     "weight": {"algorithm": "reducible", "params": {"reference_model": "{run:static}"}},
@@ -26,6 +54,10 @@ COMPOSED = {
 ARMS = {
     "static": Arm("static", BASE, datasteer=STATIC),
     "odm": Arm("odm", BASE, datasteer=ODM),
+    "aioli": Arm("aioli", BASE, datasteer=AIOLI),
+    "ado": Arm("ado", BASE, datasteer=ADO),
+    "doremi_proxy": Arm("doremi_proxy", BASE, datasteer=DOREMI_PROXY, after=("static",), evaluate=False),
+    "doremi": Arm("doremi", BASE, datasteer=DOREMI, after=("doremi_proxy",)),
     "random_select": Arm("random_select", BASE, datasteer=RANDOM),
     "near": Arm("near", BASE, datasteer=NEAR),
     "uniform_weight": Arm("uniform_weight", BASE, datasteer=UNIFORM),

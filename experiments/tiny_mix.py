@@ -6,9 +6,13 @@ against the uniform mixture, at equal steps and tokens.
 Arms: ``static`` (uniform, the baseline), ``random`` (a fresh Dirichlet draw per update),
 ``scheduled`` (the README's curriculum: noise to the learnable domains), ``odm``,
 ``doremi`` (step 3: static at the proportions learned by the step-2 proxy, whose reference
-model is the ``static`` run of the same seed), and the composed ``odm + loss + loss``
-(``examples/compose_mix_select_weight.yaml``). Metric: the mean held-out loss of the
-three learnable domains (``noise`` is random tokens; it is reported, not averaged in).
+model is the ``static`` run of the same seed), ``aioli`` and ``ado`` (their examples), the
+control ``aioli_eta0`` (aioli's perturbed LearnParams steps, but eta ~ 0 keeps p uniform), and the
+composed ``odm + loss + loss`` (``examples/compose_mix_select_weight.yaml``). Metric: the mean
+held-out loss of the three learnable domains (``noise`` is random tokens; it is reported, not
+averaged in).
+
+    .venv/bin/python -m experiments.tiny_mix --only aioli ado   # train just these arms (and the baseline)
 """
 
 from __future__ import annotations
@@ -36,6 +40,10 @@ ARMS = [
         after=("doremi_proxy",),
     ),
     Arm("odm+loss+loss", "compose_mix_select_weight.yaml"),
+    Arm("aioli", "mix_aioli.yaml"),
+    # control: aioli's LearnParams rounds with p kept (all but) uniform: what the perturbations cost
+    Arm("aioli_eta0", "mix_aioli.yaml", ("datasteer.params.eta=1e-9",)),
+    Arm("ado", "mix_ado.yaml"),
 ]
 
 if __name__ == "__main__":

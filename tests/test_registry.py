@@ -17,6 +17,8 @@ import torch
 from datasteer.algorithm import Algorithm
 from datasteer.config import PARADIGMS, load_steering, parse_dataclass, read_yaml
 from datasteer.errors import ConfigError
+from datasteer.mixers.ado import ADOMixer
+from datasteer.mixers.aioli import AioliMixer
 from datasteer.mixers.base import DomainStats, Mixer
 from datasteer.mixers.doremi import DoReMiMixer
 from datasteer.mixers.dynamic_moe import DynamicMoEMixer
@@ -204,6 +206,45 @@ def exercise_doremi(mixer: DoReMiMixer, u: int) -> tuple[torch.Tensor, ...]:
     return mixer.update(mix_context(k=3, update=u)), mixer.loss_weights(), learned
 
 
+def step_stats(step: int, samples: Sequence[float], losses: Sequence[float]) -> DomainStats:
+    """One trained step: ``samples`` of each domain with mean loss ``losses``."""
+    n, loss = _t(samples), _t(losses)
+    return DomainStats(step, n / n.sum(), n, n * loss, n * 10, n * loss * 10)
+
+
+#: Per step of the exercises below: samples and mean loss of the K = 3 domains (domain 2 absent at step 5).
+LEARNING_STEPS = [
+    ([4, 2, 2], [5.0, 6.0, 4.0]),
+    ([2, 4, 2], [4.6, 5.5, 3.9]),
+    ([2, 2, 4], [4.4, 5.2, 3.5]),
+    ([3, 3, 2], [4.3, 5.0, 3.3]),
+    ([4, 4, 0], [4.1, 4.9, 0.0]),
+    ([4, 2, 2], [3.9, 4.8, 3.0]),
+    ([2, 4, 2], [3.8, 4.6, 2.9]),
+    ([2, 2, 4], [3.7, 4.5, 2.7]),
+    ([3, 3, 2], [3.6, 4.4, 2.6]),
+]
+
+
+def exercise_aioli(mixer: AioliMixer, u: int) -> torch.Tensor:
+    # Rounds of 5 steps, LearnParams on steps 1-3 (one sweep of 1-step intervals): update 0 learns
+    # round 0 and moves p, update 1 plans round 1, update 2 observes its LearnParams steps.
+    if u == 0:
+        mixer.update(mix_context(k=3, first_step=1, last_step=1))
+    for step in range(3 * u + 1, 3 * u + 4):
+        mixer.observe(step_stats(step, *LEARNING_STEPS[step - 1]))
+    first = 3 * u + 4
+    return mixer.update(mix_context(k=3, step=first - 1, first_step=first, last_step=first, update=u + 1))
+
+
+def exercise_ado(mixer: ADOMixer, u: int) -> torch.Tensor:
+    # Three observed steps per update; every update refits the laws (fit_every 2).
+    for step in range(3 * u + 1, 3 * u + 4):
+        mixer.observe(step_stats(step, *LEARNING_STEPS[step - 1]))
+    first = 3 * u + 4
+    return mixer.update(mix_context(k=3, step=first - 1, first_step=first, last_step=first, update=u))
+
+
 MOE_DOMAINS = torch.repeat_interleave(torch.arange(3), torch.tensor([6, 5, 4]))
 
 
@@ -313,6 +354,13 @@ EXERCISES: dict[tuple[str, str], Exercise] = {
     ("mix", "odm"): Exercise(exercise_odm),
     ("mix", "doremi"): Exercise(exercise_doremi),
     ("mix", "dynamic_moe"): Exercise(exercise_dynamic_moe, given(samples_per_domain=3)),
+    ("mix", "aioli"): Exercise(
+        exercise_aioli,
+        given(round_steps=5, interval_steps=1, sweeps=1, one_hot_factor=0.6, source="train", ema=0.5, eta=1.0),
+    ),
+    ("mix", "ado"): Exercise(
+        exercise_ado, given(prior="uniform", ignore_steps=0, fit_every=2, fit_stride=1, smoothing_window=5)
+    ),
     ("select", "delta_loss"): Exercise(exercise_delta_loss),
     ("select", "near"): Exercise(exercise_near, given(neighbours=3)),
     ("select", "cluster_less"): Exercise(

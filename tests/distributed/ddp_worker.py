@@ -10,10 +10,12 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import torch
 import torch.distributed as dist
 from tests.factories import make_dataset, make_model, make_sft_dataset, make_streams, training_args
 from transformers import TrainingArguments, default_data_collator
@@ -27,6 +29,34 @@ STEERING = {
     "select": {"paradigm": "select", "algorithm": "random", "warmup_steps": 1, "update_every": 3, "seed": 9},
     "weight": {"paradigm": "weight", "algorithm": "uniform"},
     "odm": {"paradigm": "mix", "algorithm": "odm", "update_every": 1, "seed": 9},
+    # aioli: rounds of 5 steps, LearnParams on steps 1-3 (training losses; aioli_eval: the
+    # held-out set of each domain); ado: laws refitted every 3 steps from step 3
+    "aioli": {
+        "paradigm": "mix",
+        "algorithm": "aioli",
+        "seed": 9,
+        "params": {"round_steps": 5, "interval_steps": 1, "sweeps": 1, "one_hot_factor": 0.6, "eta": 1.0},
+    },
+    "aioli_eval": {
+        "paradigm": "mix",
+        "algorithm": "aioli",
+        "seed": 9,
+        "params": {
+            "round_steps": 5,
+            "interval_steps": 1,
+            "sweeps": 1,
+            "one_hot_factor": 0.6,
+            "eta": 1.0,
+            "source": "eval",
+        },
+    },
+    "ado": {
+        "paradigm": "mix",
+        "algorithm": "ado",
+        "warmup_steps": 2,
+        "seed": 9,
+        "params": {"prior": "uniform", "ignore_steps": 0, "fit_every": 3, "fit_stride": 1, "smoothing_window": 5},
+    },
     "weight_loss": {"paradigm": "weight", "algorithm": "loss", "params": {"temperature": 0.5}},
     "weight_adapt": {"paradigm": "weight", "algorithm": "adapt", "params": {"tau": 0.05, "center": True}},
     "weight_reducible": {
@@ -131,11 +161,15 @@ def main() -> None:
     args = worker_args(out, logging_steps=1)
     # Target rows of domain gamma: prompt/response rows for NICE, plain rows otherwise.
     targets = make_sft_dataset(sizes=(0, 0, 5), seed=1) if paradigm == "nice" else make_dataset((0, 0, 6), seed=1)
+    evals: Any = targets.remove_columns("domain")
+    if paradigm == "aioli_eval":  # 3 held-out rows per domain: the ranks evaluate 2 and 1
+        sizes = {"alpha": (3, 0, 0), "beta": (0, 3, 0), "gamma": (0, 0, 3)}
+        evals = {f"{d}_eval": make_dataset(n, seed=1).remove_columns("domain") for d, n in sizes.items()}
     trainer = Recording(
         model=make_model(),
         args=args,
         train_dataset=make_streams(Path(tempfile.mkdtemp())) if paradigm == "stream" else make_dataset(),
-        eval_dataset=targets.remove_columns("domain"),
+        eval_dataset=evals,
         data_collator=default_data_collator,
         steering=STEERING[paradigm],
     )
@@ -156,12 +190,14 @@ def main() -> None:
     selections = [(s, c.tolist() if c is not None else None) for s, c in getattr(ctl.sampler, "_selections", [])]
     mixer = ctl.plan.mixer
     learned = mixer.learned_proportions() if isinstance(mixer, ShapesDomainLoss) else None
+    report = {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in mixer.report().items()} if mixer else {}
     record = {
         "trained": trainer.trained,
         "plans": plans,
         "selections": selections,
         "weights": weights,
         "learned": learned.tolist() if learned is not None else None,
+        "report": report,  # what the mixer learned, on this rank
     }
     finish(out, record)
 

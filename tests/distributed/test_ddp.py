@@ -72,6 +72,27 @@ def test_odm_proportions_are_identical_on_both_ranks(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("paradigm", ["aioli", "aioli_eval", "ado"])
+def test_learning_mixers_agree_on_both_ranks(tmp_path: Path, paradigm: str) -> None:
+    """aioli (training or held-out losses) and ado learn from all-reduced statistics or gathered
+    held-out losses: both ranks hold the same learned state, equal (up to float summation
+    order) to one process's."""
+    launch(WORKER, tmp_path / "two", paradigm, nproc=2)
+    launch(WORKER, tmp_path / "one", paradigm, nproc=1)
+    (r0, r1), (single,) = read_ranks(tmp_path / "two", 2), read_ranks(tmp_path / "one", 1)
+    assert r0["plans"] == r1["plans"]
+    assert r0["report"] == r1["report"]
+    learned = "mixture" if paradigm.startswith("aioli") else "preference"
+    assert r0["report"][learned] != pytest.approx([1 / 3] * 3)
+    assert r0["report"][learned] == pytest.approx(single["report"][learned], abs=1e-4)
+    two = steering_records(tmp_path / "two" / "steering.jsonl")
+    one = steering_records(tmp_path / "one" / "steering.jsonl")
+    assert len(two) == len(one) and len({tuple(r["proportions"].values()) for r in two}) > 2
+    for a, b in zip(two, one, strict=True):
+        assert list(a["proportions"].values()) == pytest.approx(list(b["proportions"].values()), abs=1e-4)
+
+
+@pytest.mark.slow
 def test_doremi_weights_are_identical_on_both_ranks(tmp_path: Path) -> None:
     """DoReMi's excess losses are all-reduced before each weight update: both ranks hold the
     same domain weights, equal (up to float summation order) to one process's."""

@@ -259,17 +259,25 @@ def test_accumulation_1xn_equals_nx1(tmp_path: Path, index_weighter: str, algori
 
 
 #: One random mixer and one random selector run: the record and stream depend on the seed only.
-RANDOM_RUNS = pytest.mark.parametrize(
-    "steering",
-    [
-        {"paradigm": "mix", "algorithm": "random", "update_every": 2},
-        {"paradigm": "select", "algorithm": "random", "warmup_steps": 1, "update_every": 3},
-    ],
-    ids=["mix", "select"],
-)
+RANDOM_RUNS = [
+    {"paradigm": "mix", "algorithm": "random", "update_every": 2},
+    {"paradigm": "select", "algorithm": "random", "warmup_steps": 1, "update_every": 3},
+]
+
+#: Mixers that learn from the training losses, sized to the 12-step runs below: aioli's rounds of
+#: 5 steps (LearnParams on steps 1-3, 6-8, 11-12); ado's laws refitted every 3 steps from step 3.
+AIOLI = {
+    "algorithm": "aioli",
+    "params": {"round_steps": 5, "interval_steps": 1, "sweeps": 1, "one_hot_factor": 0.6, "eta": 1.0},
+}
+ADO = {
+    "algorithm": "ado",
+    "warmup_steps": 2,
+    "params": {"prior": "uniform", "ignore_steps": 0, "fit_every": 3, "fit_stride": 1, "smoothing_window": 5},
+}
 
 
-@RANDOM_RUNS
+@pytest.mark.parametrize("steering", RANDOM_RUNS, ids=["mix", "select"])
 def test_same_seed_gives_the_same_record(tmp_path: Path, steering: dict[str, Any]) -> None:
     a = run(tmp_path / "a", steering, max_steps=6)
     b = run(tmp_path / "b", steering, max_steps=6)
@@ -279,7 +287,11 @@ def test_same_seed_gives_the_same_record(tmp_path: Path, steering: dict[str, Any
     assert a.served() == b.served()
 
 
-@RANDOM_RUNS
+@pytest.mark.parametrize(
+    "steering",
+    [*RANDOM_RUNS, {"paradigm": "mix", **AIOLI}, {"paradigm": "mix", **ADO}],
+    ids=["mix", "select", "aioli", "ado"],
+)
 def test_resume_matches_an_uninterrupted_run(tmp_path: Path, steering: dict[str, Any]) -> None:
     # max_steps 12 with a pool of 80 and batch 8 crosses an epoch boundary (10 steps/epoch).
     full = run(tmp_path / "full", steering, max_steps=12, save_steps=4)
@@ -311,8 +323,10 @@ def test_resume_matches_an_uninterrupted_run(tmp_path: Path, steering: dict[str,
             "select": {"algorithm": "random", "warmup_steps": 1, "update_every": 3},
             "weight": {"algorithm": "loss"},
         },
+        {"mix": AIOLI, "weight": {"algorithm": "loss"}},
+        {"mix": ADO, "weight": {"algorithm": "loss"}},
     ],
-    ids=["uniform", "loss", "adapt", "reducible", "custom", "mix+select+weight"],
+    ids=["uniform", "loss", "adapt", "reducible", "custom", "mix+select+weight", "aioli+loss", "ado+loss"],
 )
 def test_weighted_resume_matches_an_uninterrupted_run(tmp_path: Path, steering: dict[str, Any]) -> None:
     if steering.get("algorithm") == "reducible":
@@ -331,6 +345,61 @@ def test_weighted_resume_matches_an_uninterrupted_run(tmp_path: Path, steering: 
     assert {s: full_served[s] for s in range(5, 10)} == resumed.served()
     for a, b in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_learning_mixers_move_off_uniform_on_their_own_proportions(tmp_path: Path) -> None:
+    """aioli: the LearnParams steps serve the perturbed mixtures, then p^t; ado: its fitted laws."""
+    run(tmp_path / "aioli", {"paradigm": "mix", **AIOLI}, max_steps=7)
+    records = steering_records(tmp_path / "aioli" / "steering.jsonl")
+    plan = {r["first_step"]: r for r in records}
+    assert sorted(max(plan[s]["proportions"].values()) for s in (1, 2, 3)) == [0.6] * 3  # a perturbation each
+    assert {max(plan[s]["proportions"], key=plan[s]["proportions"].get) for s in (1, 2, 3)} == {
+        "alpha",
+        "beta",
+        "gamma",
+    }
+    assert plan[4]["proportions"] == plan[1]["mixture"]  # step 4 was planned before round 0 was learned
+    assert plan[5]["proportions"] == plan[5]["mixture"] != plan[4]["proportions"] and plan[5]["round"] == 0
+    run(tmp_path / "ado", {"paradigm": "mix", **ADO}, max_steps=6)
+    last = steering_records(tmp_path / "ado" / "steering.jsonl")[-1]
+    assert set(last) >= {"preference", "credit", "irreducible_loss", "exponent", "learning_speed"}
+    assert last["proportions"] != pytest.approx(dict.fromkeys(("alpha", "beta", "gamma"), 1 / 3))
+
+
+def held_out_per_domain() -> dict[str, Any]:
+    """Four held-out rows of each domain, as eval sets named ``<domain>_eval``."""
+    sizes = {"alpha": (4, 0, 0), "beta": (0, 4, 0), "gamma": (0, 0, 4)}
+    return {f"{d}_eval": make_dataset(n, seed=5).remove_columns("domain") for d, n in sizes.items()}
+
+
+def test_aioli_on_held_out_sets_evaluates_each_boundary_and_resumes_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datasteer.mixers.aioli import AioliMixer
+
+    measured: list[int] = []
+    held_out = AioliMixer._held_out_losses
+
+    def recording(self: AioliMixer, ctx: Any) -> torch.Tensor:
+        measured.append(ctx.step)
+        return held_out(self, ctx)
+
+    monkeypatch.setattr(AioliMixer, "_held_out_losses", recording)
+    steering = {"paradigm": "mix", **AIOLI, "params": {**AIOLI["params"], "source": "eval"}}
+    evals = held_out_per_domain()
+    full = run(tmp_path / "full", steering, max_steps=12, save_steps=4, eval_dataset=evals)
+    # round r's boundaries: after steps 5r, 5r + 1, 5r + 2, 5r + 3 (the last update follows step 10)
+    assert measured == [0, 1, 2, 3, 5, 6, 7, 8, 10]
+    part = tmp_path / "part"
+    run(part, steering, max_steps=12, save_steps=4, callbacks=[StopAt(6)], eval_dataset=evals)
+    resumed = run(part, steering, max_steps=12, save_steps=4, resume=str(part / "checkpoint-4"), eval_dataset=evals)
+    records = without_seconds(steering_records(tmp_path / "full" / "steering.jsonl"))
+    assert without_seconds(steering_records(part / "steering.jsonl")) == records
+    assert records[-1]["round"] == 1.0 and records[-1]["mixture"] != pytest.approx(
+        dict.fromkeys(records[-1]["mixture"], 1 / 3)
+    )
+    full_served = full.served()
+    assert {s: full_served[s] for s in range(5, 13)} == resumed.served()
 
 
 def test_prefetching_workers_get_enough_lag_and_too_little_is_an_error(tmp_path: Path) -> None:

@@ -6,15 +6,21 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from datasteer.algorithm import Algorithm, UpdateContext
 from datasteer.errors import ConfigError
 
+if TYPE_CHECKING:
+    from datasteer.ops.protocol import ModelOperations
+
 #: Proportions must sum to 1 within this tolerance.
 SUM_TOLERANCE = 1e-6
+
+#: Suffix that marks an evaluation set as the held-out set of a domain (``prose_eval``).
+EVAL_SUFFIX = "_eval"
 
 
 def check_proportions(values: Sequence[float], where: str, num_domains: int | None = None) -> None:
@@ -28,6 +34,14 @@ def check_proportions(values: Sequence[float], where: str, num_domains: int | No
     total = math.fsum(values)
     if abs(total - 1.0) > SUM_TOLERANCE:
         raise ConfigError(f"{where}: proportions must sum to 1, got {list(values)} (sum {total:.6g})")
+
+
+def domain_eval_sets(ops: ModelOperations, domain_names: Sequence[str]) -> list[ModelOperations] | None:
+    """The evaluation set of each domain (named ``<domain>`` or ``<domain>_eval``), in domain
+    order; ``None`` unless every domain has one."""
+    by_name = {t.name: t for t in ops.targets if t.name is not None}
+    found = [by_name.get(n, by_name.get(f"{n}{EVAL_SUFFIX}")) for n in domain_names]
+    return None if any(t is None for t in found) else [t for t in found if t is not None]
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -11,19 +11,15 @@ import torch
 
 from datasteer.config import doc
 from datasteer.errors import ConfigError, SteeringStateError
-from datasteer.mixers.base import MixContext, Mixer
+from datasteer.mixers.base import EVAL_SUFFIX, MixContext, Mixer, domain_eval_sets
 from datasteer.ops.moe import freeze_routers, normalize_loads
 from datasteer.registry import MIXERS
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from datasteer.ops.protocol import ModelOperations
 
 logger = logging.getLogger(__name__)
-
-#: Suffix that marks an evaluation set as the held-out set of a domain (``prose_eval``).
-EVAL_SUFFIX = "_eval"
 
 
 @dataclass
@@ -133,12 +129,6 @@ class DynamicMoEMixer(Mixer):
             freeze_routers(model, p.router_names)
 
     # -- held-out samples ------------------------------------------------------------------
-    def _eval_sets(self, ops: ModelOperations, names: tuple[str, ...]) -> list[ModelOperations] | None:
-        """The eval set of each domain, in domain order; None unless every domain has one."""
-        by_name = {t.name: t for t in ops.targets if t.name is not None}
-        found = [by_name.get(n, by_name.get(f"{n}{EVAL_SUFFIX}")) for n in names]
-        return None if any(t is None for t in found) else [t for t in found if t is not None]
-
     def _pool_rows(self, ctx: MixContext) -> torch.Tensor:
         """A seeded sample of ``samples_per_domain`` training rows of each domain (drawn once)."""
         if self.held_out is None:
@@ -157,7 +147,7 @@ class DynamicMoEMixer(Mixer):
         ops = ctx.ops
         if ops is None:
             raise SteeringStateError("dynamic_moe needs the model: no model operations were given")
-        evals = self._eval_sets(ops, ctx.domain_names) if p.source != "pool" else None
+        evals = domain_eval_sets(ops, ctx.domain_names) if p.source != "pool" else None
         if p.source == "eval" and evals is None:
             have = [t.name for t in ops.targets]
             raise ConfigError(
