@@ -136,7 +136,9 @@ def main() -> int:
             results[rows].append(json.loads(out))
             r = results[rows][-1]
             print(
-                f"repeat {repeat + 1}: {rows:>9} rows  {r['seconds']:7.1f} s  peak {r['peak_mib']:7.1f} MiB", flush=True
+                f"repeat {repeat + 1}: {rows:>9} rows  {r['seconds']:7.1f} s  peak {r['peak_mib']:7.1f} MiB  "
+                f"(at each tenth: {r['peak_trace_mib']})",
+                flush=True,
             )
     base = statistics.median(r["peak_mib"] for r in results[args.sizes[0]])
     print(f"\n{'rows':>9}  {'read':>9}  {'rows/s':>8}  {'peak MiB':>9}  {'vs smallest':>11}")
