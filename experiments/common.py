@@ -29,6 +29,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -251,6 +252,11 @@ def _copy(source: Future[float], target: Future[float]) -> None:
 # -- evaluating ---------------------------------------------------------------------------------
 
 
+#: Serialises model loading across the experiment's worker threads: transformers' loading is
+#: not thread-safe (two SmolLM2 adapters loaded at once gave an untied, uniform lm_head).
+_LOADING = threading.Lock()
+
+
 def evaluate_run(exp: Experiment, arm: Arm, seed: int) -> dict[str, Any]:
     """Held-out loss per domain and arithmetic accuracy of a trained run (cached in metrics.json)."""
     out = exp.run_dir(arm.name, seed)
@@ -277,7 +283,8 @@ def evaluate_run(exp: Experiment, arm: Arm, seed: int) -> dict[str, Any]:
 
     torch.set_num_threads(1)  # one thread per worker, as the training subprocesses
     source = find_model(str(out))
-    model, tokenizer = load_model(source), load_tokenizer(source)
+    with _LOADING:  # two models loaded at once in threads of one process can come out untied
+        model, tokenizer = load_model(source), load_tokenizer(source)
     texts = read_corpus_texts(Path(resolve_builtin("builtin:corpus")), DOMAINS)
     on_text = evaluate_corpus(model, tokenizer, texts, max_length=exp.eval_length)
     losses = {d: r.loss for d, r in on_text.items()}
