@@ -48,9 +48,23 @@ def candidate_subset(ctx: SelectContext, size: int | None, *, keeps_top: str | N
         candidates = torch.arange(ctx.pool_size)
     else:
         candidates = torch.randperm(ctx.pool_size, generator=ctx.generator)[:size].sort().values
-    if keeps_top is not None and len(candidates) <= ctx.num_samples:
-        _warn_no_choice(keeps_top, len(candidates), ctx.num_samples, size is not None and size < ctx.pool_size)
+    if keeps_top is not None:
+        warn_if_no_choice(keeps_top, ctx, len(candidates), subset=size is not None and size < ctx.pool_size)
     return candidates
+
+
+def warn_if_no_choice(name: str, ctx: SelectContext, candidates: int, *, subset: bool) -> None:
+    """Warn (once per setting) a selector that keeps its ``ctx.num_samples`` best-scored
+    candidates when it has no more than that many: it keeps them all, whatever its scores.
+
+    Args:
+        name: the selector's name.
+        ctx: the update's context.
+        candidates: how many candidates it scored.
+        subset: whether they were a subset of the pool (the fix is then more candidates).
+    """
+    if candidates <= ctx.num_samples:
+        _warn_no_choice(name, candidates, ctx.num_samples, subset)
 
 
 @functools.cache
