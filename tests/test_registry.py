@@ -27,6 +27,7 @@ from datasteer.registry import AlgorithmSpec, Registry, registry_for
 from datasteer.selectors.base import Selector
 from datasteer.selectors.cluster_less import ClusterLessSelector
 from datasteer.selectors.delta_loss import DeltaLossSelector
+from datasteer.selectors.greats import GreatsSelector
 from datasteer.selectors.near import NearSelector
 from datasteer.selectors.rho_loss import RhoLossSelector
 from datasteer.selectors.tsds import TsdsParams, TsdsSelector
@@ -242,6 +243,15 @@ def exercise_rho_loss(selector: RhoLossSelector, u: int) -> torch.Tensor:
     return selector.select(select_context(num_samples=2, update=u, ops=ops))
 
 
+def exercise_greats(selector: GreatsSelector, u: int) -> torch.Tensor:
+    # 4 candidates per update from a pool of 8 (the pass order lives in the state); the
+    # gradients turn as the model trains.
+    grads = torch.tensor([_unit(a + 15 * u) for a in NEAR_ANGLES]) * torch.arange(1.0, 9.0).unsqueeze(1)
+    targets = [FakeOps(gradients=torch.tensor([_unit(40), _unit(70)]))]
+    ops = FakeOps(gradients=grads, targets=targets, optimizer=live_optimizer())
+    return selector.select(select_context(num_samples=2, update=u, ops=ops))
+
+
 def _unit(degrees: float) -> list[float]:
     return [math.cos(math.radians(degrees)), math.sin(math.radians(degrees))]
 
@@ -329,6 +339,7 @@ EXERCISES: dict[tuple[str, str], Exercise] = {
     ("select", "delta_loss"): Exercise(exercise_delta_loss),
     ("select", "rho_loss"): Exercise(exercise_rho_loss, given(reference_model="outputs/rho_loss/il", fraction=0.5)),
     ("select", "near"): Exercise(exercise_near, given(neighbours=3)),
+    ("select", "greats"): Exercise(exercise_greats, given(fraction=0.5)),
     ("select", "cluster_less"): Exercise(
         exercise_cluster_less, given(cluster_size=3, clustering="kcenter", pick="random")
     ),

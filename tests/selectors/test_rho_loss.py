@@ -10,7 +10,8 @@ import torch
 
 from datasteer.config import parse_dataclass
 from datasteer.errors import ConfigError, NonFiniteInputError, SteeringStateError
-from datasteer.selectors.rho_loss import RhoLossParams, RhoLossSelector, candidate_count, top_reducible
+from datasteer.selectors.base import candidate_count
+from datasteer.selectors.rho_loss import RhoLossParams, RhoLossSelector, top_reducible
 from tests.factories import select_context
 from tests.fakes import FakeOps
 
@@ -67,9 +68,9 @@ def test_candidates_pass_over_the_pool_and_the_selection_is_their_top() -> None:
     for batch, kept in zip(batches, chosen, strict=True):
         scores = {i: float(losses[i] - irreducible[i]) for i in batch}
         assert kept == sorted(batch, key=lambda i: (-scores[i], i))[:2]
-    assert (
-        rho.position == 4 and rho.order is not None
-    )  # the tail opened the new pass and sorted(rho.order.tolist()) == list(range(10))
+    passes = rho.passes
+    assert passes.position == 4 and passes.order is not None  # the tail opened the new pass
+    assert sorted(passes.order.tolist()) == list(range(10))
 
 
 def test_irreducible_losses_are_computed_once_per_sample() -> None:
@@ -133,7 +134,7 @@ def test_state_round_trip_continues_the_pass_without_recomputing() -> None:
         b.select(select_context(ops=again, num_samples=2, update=2)),
     )
     assert again.calls_to("reference_losses") == []  # every irreducible loss was in the state
-    assert a.position == b.position
+    assert a.passes.position == b.passes.position
 
 
 def test_irreducible_losses_of_another_il_model_are_dropped(caplog: pytest.LogCaptureFixture) -> None:

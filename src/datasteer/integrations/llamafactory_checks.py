@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 NEEDS_TARGETS = frozenset(
     {
         ("select", "less"),
+        ("select", "greats"),
         ("select", "cluster_less"),
         ("select", "nice"),
         ("select", "near"),

@@ -13,7 +13,7 @@ from datasteer.capabilities import ComparesToReference
 from datasteer.config import doc
 from datasteer.errors import ConfigError, NonFiniteInputError, SteeringStateError
 from datasteer.registry import SELECTORS
-from datasteer.selectors.base import SelectContext, Selector, warn_if_no_choice
+from datasteer.selectors.base import PoolPasses, SelectContext, Selector, candidate_count, warn_if_no_choice
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +37,6 @@ class RhoLossParams:
             raise ConfigError("reference_model: give the directory of the irreducible-loss model")
         if not 0.0 < self.fraction < 1.0:
             raise ConfigError(f"fraction: must be in (0, 1) (1 would keep every candidate), got {self.fraction}")
-
-
-def candidate_count(selected: int, fraction: float) -> int:
-    """``n_B = ceil(n_b / fraction)``, immune to float noise (``8 / 0.1`` is 80, not 81)."""
-    return math.ceil(round(selected / fraction, 9))
 
 
 def top_reducible(reducible: torch.Tensor, k: int) -> torch.Tensor:
@@ -93,8 +88,7 @@ class RhoLossSelector(Selector, ComparesToReference):
         self.irreducible: torch.Tensor | None = None  # (pool,) float32; a value per known sample
         self.known: torch.Tensor | None = None  # (pool,) bool: whose irreducible loss is computed
         self.source: str | None = None  # the IL model those losses came from
-        self.order: torch.Tensor | None = None  # the current pass over the pool
-        self.position = 0  # where the next candidate batch starts in it
+        self.passes = PoolPasses()  # the candidate batches
         self._report: dict[str, int | float] = {}
 
     def reference_model(self) -> str:
@@ -108,8 +102,7 @@ class RhoLossSelector(Selector, ComparesToReference):
     def select(self, ctx: SelectContext) -> torch.Tensor:
         p: RhoLossParams = self.params
         assert ctx.ops is not None
-        self._check_pool(ctx.pool_size)
-        candidates = self._candidates(ctx, candidate_count(ctx.num_samples, p.fraction))
+        candidates = self.passes.next(ctx, candidate_count(ctx.num_samples, p.fraction))
         warn_if_no_choice("rho_loss", ctx, len(candidates), subset=False)
         losses = ctx.ops.sample_losses(candidates, desc=f"rho-loss selector, update {ctx.update}")
         irreducible, computed = self._irreducible(ctx, candidates)
@@ -128,29 +121,12 @@ class RhoLossSelector(Selector, ComparesToReference):
             )
         return candidates[kept]
 
-    def _check_pool(self, size: int) -> None:
-        held = self.known if self.known is not None else self.order
-        if held is not None and len(held) != size:
-            raise SteeringStateError(f"rho_loss: the state is for a pool of {len(held)} samples, this pool has {size}")
-
-    def _candidates(self, ctx: SelectContext, wanted: int) -> torch.Tensor:
-        """The next ``wanted`` samples of the shuffled pass over the pool, in pool order."""
-        n = ctx.pool_size
-        if wanted >= n:
-            return torch.arange(n)
-        if self.order is None:
-            self.order, self.position = torch.randperm(n, generator=ctx.generator), 0
-        batch = self.order[self.position : self.position + wanted]
-        if len(batch) < wanted:  # the pass ends: its tail opens the next pass, then the rest in a new order
-            fresh = torch.randperm(n, generator=ctx.generator)
-            self.order = torch.cat([batch, fresh[~torch.isin(fresh, batch)]])
-            self.position = 0
-            batch = self.order[:wanted]
-        self.position += wanted
-        return batch.sort().values
-
     def _irreducible(self, ctx: SelectContext, candidates: torch.Tensor) -> tuple[torch.Tensor, int]:
         """The candidates' irreducible losses (computing those not known yet) and how many were computed."""
+        if self.known is not None and len(self.known) != ctx.pool_size:
+            raise SteeringStateError(
+                f"rho_loss: the state is for a pool of {len(self.known)} samples, this pool has {ctx.pool_size}"
+            )
         if self.irreducible is None or self.known is None:
             self.irreducible = torch.full((ctx.pool_size,), math.nan, dtype=torch.float32)
             self.known = torch.zeros(ctx.pool_size, dtype=torch.bool)
@@ -167,13 +143,12 @@ class RhoLossSelector(Selector, ComparesToReference):
             "irreducible": self.irreducible,
             "known": self.known,
             "source": self.source,
-            "order": self.order,
-            "position": self.position,
+            "passes": self.passes.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.irreducible, self.known, self.source = state["irreducible"], state["known"], state["source"]
-        self.order, self.position = state["order"], int(state["position"])
+        self.passes.load_state_dict(state["passes"])
         if self.source is not None and self.source != self.reference_model():
             logger.warning(
                 "rho_loss: the checkpoint's irreducible losses came from %s, this run's IL model is %s; "
