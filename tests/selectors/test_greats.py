@@ -141,6 +141,18 @@ def test_state_round_trip_continues_the_passes() -> None:
     assert torch.equal(a.select(ctx_a), b.select(ctx_b))
 
 
+def test_a_pass_over_another_pool_is_refused() -> None:
+    from datasteer.errors import SteeringStateError
+
+    targets = [FakeOps(gradients=torch.ones(1, 2))]
+    a = greats(learning_rate=0.1)
+    a.select(select_context(ops=FakeOps(gradients=torch.ones(10, 2), targets=targets), num_samples=2))
+    b = greats(learning_rate=0.1)
+    b.load_state_dict(a.state_dict())
+    with pytest.raises(SteeringStateError, match="the selector's state is for a pool of 10 samples, this has 12"):
+        b.select(select_context(ops=FakeOps(gradients=torch.ones(12, 2), targets=targets), num_samples=2))
+
+
 @pytest.mark.parametrize(
     ("raw", "message"),
     [

@@ -60,7 +60,8 @@ class RhoLossSelector(Selector, ComparesToReference):
         rho(x, y) = L[y | x; D_t] - L[y | x; D_ho]
 
     ``L[y | x; D_t]`` is the live model's token-mean loss (a no-grad pass in eval mode, the
-    loss of :meth:`~datasteer.ops.protocol.ModelOperations.sample_losses`);
+    loss of :meth:`~datasteer.ops.protocol.ModelOperations.sample_losses`; the authors' code
+    scores in train mode by default, which differs only under dropout or batch norm);
     ``L[y | x; D_ho]``, the irreducible loss, is the same loss under the IL model
     (``reference_model``, trained on holdout data). A point hard for both (noise) or
     already learnt has a small ``rho``; learnable, not yet learnt points a large one.
