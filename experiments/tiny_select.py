@@ -18,7 +18,8 @@ batch:
 - ``greats`` (GREATS, 8 of 16 candidates per step, ``logra`` gradient features of the
   whole model): its validation gradient is the mean gradient of 16 rows drawn per step from
   the held-out splits of the three learnable domains, again the evaluated rows (as the
-  targets of ``experiments.tiny_target``).
+  targets of ``experiments.tiny_target``). ``greats_pool_targets`` draws those rows from the
+  training rows of the learnable domains instead (pool rows: nothing held out is seen).
 
 Metric: the mean held-out loss of the three learnable domains.
 """
@@ -58,6 +59,7 @@ ARMS = [
         after=("static",),
     ),
     Arm("greats", "select_random.yaml", ("eval_dataset=prose_eval,code_eval,arithmetic_eval",), datasteer=GREATS),
+    Arm("greats_pool_targets", "select_random.yaml", ("eval_dataset=prose,code,arithmetic",), datasteer=GREATS),
 ]
 
 if __name__ == "__main__":
