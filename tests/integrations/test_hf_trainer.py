@@ -335,8 +335,23 @@ def test_resume_matches_an_uninterrupted_run(tmp_path: Path, steering: dict[str,
             "select": {"algorithm": "rho_loss", "update_every": 1, "params": RHO_PARAMS},
             "weight": {"algorithm": "loss"},
         },
+        {  # within each domain: one pass and one set of irreducible losses per domain
+            "mix": {"algorithm": "random", "update_every": 2},
+            "select": {"algorithm": "rho_loss", "update_every": 1, "params": RHO_PARAMS},
+        },
     ],
-    ids=["uniform", "loss", "adapt", "reducible", "custom", "mix+select+weight", "rho_loss", "greats", "rho+weight"],
+    ids=[
+        "uniform",
+        "loss",
+        "adapt",
+        "reducible",
+        "custom",
+        "mix+select+weight",
+        "rho_loss",
+        "greats",
+        "rho+weight",
+        "mix+rho",
+    ],
 )
 def test_weighted_resume_matches_an_uninterrupted_run(tmp_path: Path, steering: dict[str, Any]) -> None:
     steering = with_reference(steering, tmp_path)
