@@ -2,8 +2,8 @@
 
 :class:`FakeOps` implements :class:`~datasteer.ops.protocol.ModelOperations` (the same
 Protocol as the live :class:`~datasteer.ops.ModelOps`), so an algorithm under test gets
-the answers a test worked out by hand: row ``i``'s loss, embedding, gradient feature or
-expert loads is row ``i`` of a tensor the test supplies.
+the answers a test worked out by hand: row ``i``'s loss, reference loss, embedding, gradient
+feature or expert loads is row ``i`` of a tensor the test supplies.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ class FakeOps:
 
     Args:
         losses: per-row losses ``(n,)``, for :meth:`sample_losses`.
+        reference_losses: per-row losses under the reference model ``(n,)``, for :meth:`reference_losses`.
         embeddings: ``(n, d)``, for :meth:`embeddings` and :meth:`embedding_store`.
         gradients: ``(n, d)``, for :meth:`gradient_features` and :meth:`gradient_feature_store`.
         policy_gradients: ``(n, d)``, for :meth:`policy_gradient_features` (an all-zero row: a
@@ -86,6 +87,7 @@ class FakeOps:
         self,
         *,
         losses: Answers | None = None,
+        reference_losses: Answers | None = None,
         embeddings: Answers | None = None,
         gradients: Answers | None = None,
         policy_gradients: Answers | None = None,
@@ -98,6 +100,7 @@ class FakeOps:
     ) -> None:
         given = {
             "sample_losses": losses,
+            "reference_losses": reference_losses,
             "embeddings": embeddings,
             "gradient_features": gradients,
             "policy_gradient_features": policy_gradients,
@@ -163,6 +166,9 @@ class FakeOps:
 
     def sample_losses(self, indices: Sequence[int] | torch.Tensor, desc: str = "per-sample loss") -> torch.Tensor:
         return self._answer("sample_losses", indices, desc=desc)
+
+    def reference_losses(self, indices: Sequence[int] | torch.Tensor, desc: str = "reference loss") -> torch.Tensor:
+        return self._answer("reference_losses", indices, desc=desc)
 
     def embeddings(
         self,

@@ -478,6 +478,12 @@ CASES = [
         example="mix_doremi_2_proxy.yaml",
     ),
     Case(
+        "rho-loss-il-model-missing",
+        r"datasteer\.params\.reference_model: .*noref does not exist; train the reference model first",
+        ("datasteer.params.reference_model=noref",),
+        example="select_rho_loss_2_main.yaml",
+    ),
+    Case(
         "doremi-reference-not-a-model",
         r"datasteer\.params\.reference_model: .*model holds no saved model",
         setup=model_dir(None, "datasteer.params.reference_model"),
@@ -614,6 +620,12 @@ CASES = [
         r"eval_dataset: select/near compares the pool with target samples",
         ("eval_dataset=null",),
         example="select_near.yaml",
+    ),
+    Case(
+        "greats-without-targets",
+        r"eval_dataset: select/greats compares the pool with target samples",
+        ("eval_dataset=null",),
+        example="select_greats.yaml",
     ),
     Case(
         "cluster-less-without-targets",

@@ -13,9 +13,12 @@ from tests.fakes import FakeOps
 def test_fake_ops_is_model_operations_and_subsets_by_row() -> None:
     target = FakeOps(embeddings=torch.eye(2), name="t")
     # Annotated: mypy checks FakeOps against the Protocol here.
-    ops: ModelOperations = FakeOps(losses=torch.tensor([0.0, 1.0, 2.0, 3.0]), targets=[target])
+    ops: ModelOperations = FakeOps(
+        losses=torch.tensor([0.0, 1.0, 2.0, 3.0]), reference_losses=torch.tensor([5.0, 6.0, 7.0, 8.0]), targets=[target]
+    )
     part = ops.subset([3, 1])
     assert part.sample_losses([0, 1]).tolist() == [3.0, 1.0]
+    assert part.reference_losses([1, 0]).tolist() == [6.0, 8.0]
     assert part.dataset == [3, 1] and part.targets[0] is target
     assert ops.target_embeddings().tolist() == [[1.0, 0.0], [0.0, 1.0]]
 

@@ -38,6 +38,7 @@ def required_params(algorithm: str) -> dict[str, Any]:
         "tsds": {"prepared": "prepared/tsds"},
         "doremi": {"reference_model": REFERENCE},
         "reducible": {"reference_model": REFERENCE},
+        "rho_loss": {"reference_model": REFERENCE},
         "scheduled": {"schedule": [[0, [0.5, 0.25, 0.25]], [10, [0.0, 0.0, 1.0]]]},
     }
     return required.get(algorithm, {})

@@ -29,7 +29,9 @@ from datasteer.registry import AlgorithmSpec, Registry, registry_for
 from datasteer.selectors.base import Selector
 from datasteer.selectors.cluster_less import ClusterLessSelector
 from datasteer.selectors.delta_loss import DeltaLossSelector
+from datasteer.selectors.greats import GreatsSelector
 from datasteer.selectors.near import NearSelector
+from datasteer.selectors.rho_loss import RhoLossSelector
 from datasteer.selectors.tsds import TsdsParams, TsdsSelector
 from datasteer.weighters.adapt import AdaptWeighter
 from datasteer.weighters.base import Weighter
@@ -46,6 +48,7 @@ MINIMAL_PARAMS: dict[tuple[str, str], dict[str, Any]] = {
     ("select", "custom"): {"path": "datasteer.selectors.random:RandomSelector"},
     ("weight", "custom"): {"path": "datasteer.weighters.uniform:UniformWeighter"},
     ("weight", "reducible"): {"reference_model": "outputs/doremi/reference"},
+    ("select", "rho_loss"): {"reference_model": "outputs/rho_loss/irreducible"},
 }
 
 BASES = {"select": Selector, "mix": Mixer, "weight": Weighter}
@@ -270,6 +273,26 @@ def exercise_delta_loss(selector: DeltaLossSelector, u: int) -> torch.Tensor:
     return selector.select(select_context(num_samples=4, update=u, total_updates=4, ops=ops))
 
 
+#: The irreducible losses of 8 pool samples (fixed: the IL model does not train).
+RHO_IRREDUCIBLE = [0.5, 2.4, 0.1, 1.0, 0.2, 3.0, 0.4, 1.2]
+
+
+def exercise_rho_loss(selector: RhoLossSelector, u: int) -> torch.Tensor:
+    # 4 candidates per update from a pool of 8: update 2 starts a second pass over the pool,
+    # whose order (and the irreducible losses already known) live in the state.
+    ops = FakeOps(losses=torch.tensor(DELTA_LOSSES[u]), reference_losses=torch.tensor(RHO_IRREDUCIBLE))
+    return selector.select(select_context(num_samples=2, update=u, ops=ops))
+
+
+def exercise_greats(selector: GreatsSelector, u: int) -> torch.Tensor:
+    # 4 candidates per update from a pool of 8 (the pass order lives in the state); the
+    # gradients turn as the model trains.
+    grads = torch.tensor([_unit(a + 15 * u) for a in NEAR_ANGLES]) * torch.arange(1.0, 9.0).unsqueeze(1)
+    targets = [FakeOps(gradients=torch.tensor([_unit(40), _unit(70)]))]
+    ops = FakeOps(gradients=grads, targets=targets, optimizer=live_optimizer())
+    return selector.select(select_context(num_samples=2, update=u, ops=ops))
+
+
 def _unit(degrees: float) -> list[float]:
     return [math.cos(math.radians(degrees)), math.sin(math.radians(degrees))]
 
@@ -362,7 +385,9 @@ EXERCISES: dict[tuple[str, str], Exercise] = {
         exercise_ado, given(prior="uniform", ignore_steps=0, fit_every=2, fit_stride=1, smoothing_window=5)
     ),
     ("select", "delta_loss"): Exercise(exercise_delta_loss),
+    ("select", "rho_loss"): Exercise(exercise_rho_loss, given(reference_model="outputs/rho_loss/il", fraction=0.5)),
     ("select", "near"): Exercise(exercise_near, given(neighbours=3)),
+    ("select", "greats"): Exercise(exercise_greats, given(fraction=0.5)),
     ("select", "cluster_less"): Exercise(
         exercise_cluster_less, given(cluster_size=3, clustering="kcenter", pick="random")
     ),

@@ -11,11 +11,14 @@ from abc import ABC, abstractmethod
 
 
 class ComparesToReference(ABC):
-    """Capability: needs a frozen reference model's losses on every training batch.
+    """Capability: needs a frozen reference model's losses.
 
-    The training integration runs the reference model on each micro-batch (one no-grad
-    forward) and hands its per-token losses to the stage (a mixer's
-    ``DomainStats.excess_sum``, a weighter's ``WeightContext.reference_losses``).
+    The training integration loads the reference model once. For a mixer or a weighter it
+    runs the model on each training micro-batch (one no-grad forward) and hands its
+    per-token losses to the stage (a mixer's ``DomainStats.excess_sum``, a weighter's
+    ``WeightContext.reference_losses``). A selector asks for pool samples' losses itself,
+    when it selects (:meth:`~datasteer.ops.protocol.ModelOperations.reference_losses`); no
+    training batch is run through the reference model for it.
     """
 
     @abstractmethod

@@ -134,7 +134,8 @@ class SteeringController:
 
     @property
     def reference_model(self) -> str | None:
-        """Path of the reference model whose per-token losses a stage needs, if any."""
+        """Path of the reference model whose per-token losses a stage needs on every training
+        batch, if any (a selector's reference losses are of pool samples, asked for when it selects)."""
         return next((path for d in self.drivers if (path := d.reference_model()) is not None), None)
 
     @property

@@ -113,6 +113,23 @@ STEERING = {
         "seed": 9,
         "params": {"proj_dim": 512},
     },
+    # 48 candidates of the 80-row pool per update (the pass over the pool is in the state).
+    "rho_loss": {
+        "paradigm": "select",
+        "algorithm": "rho_loss",
+        "warmup_steps": 1,
+        "update_every": 3,
+        "seed": 9,
+        "params": {"reference_model": os.environ.get("DATASTEER_TEST_REFERENCE", ""), "fraction": 0.5},
+    },
+    "greats": {
+        "paradigm": "select",
+        "algorithm": "greats",
+        "warmup_steps": 1,
+        "update_every": 3,
+        "seed": 9,
+        "params": {"fraction": 0.5, "targets": 4, "proj_dim": 512},
+    },
 }
 
 

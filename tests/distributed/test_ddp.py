@@ -123,14 +123,17 @@ def test_sharded_model_operations_equal_one_process(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("paradigm", ["near", "less", "cluster_less", "nice"])
+@pytest.mark.parametrize("paradigm", ["near", "less", "cluster_less", "nice", "rho_loss", "greats"])
 def test_model_based_selections_agree_across_ranks(tmp_path: Path, paradigm: str) -> None:
     """Both ranks serve one selection (rank 0's, broadcast). The first is computed from the
     initial weights, so it equals the 1-process selection exactly; later ones come from
     weights that DDP's gradient averaging changed in the last float bits, so near-ties may
-    order differently and they are compared by overlap."""
-    launch(WORKER, tmp_path / "one", paradigm, nproc=1)
-    launch(WORKER, tmp_path / "two", paradigm, nproc=2)
+    order differently and they are compared by overlap. (rho_loss and greats draw their
+    candidates from passes over the pool that live in their state: the same on every rank.)"""
+    make_model(seed=1).save_pretrained(tmp_path / "ref")  # rho_loss's IL model
+    env = {"DATASTEER_TEST_REFERENCE": str(tmp_path / "ref")}
+    launch(WORKER, tmp_path / "one", paradigm, nproc=1, **env)
+    launch(WORKER, tmp_path / "two", paradigm, nproc=2, **env)
     single, r0, r1 = (r["plans"] for r in [*read_ranks(tmp_path / "one", 1), *read_ranks(tmp_path / "two", 2)])
     assert r0 == r1
     assert [s for s, _ in r0] == [s for s, _ in single] == [1, 2, 5]  # warm-up, then updates 0 and 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 from collections import Counter, defaultdict
@@ -258,6 +259,21 @@ def test_accumulation_1xn_equals_nx1(tmp_path: Path, index_weighter: str, algori
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
 
 
+#: Params of the online batch selectors in these runs ("REFERENCE": see :func:`with_reference`).
+RHO_PARAMS = {"reference_model": "REFERENCE", "fraction": 0.25}
+GREATS_PARAMS = {"fraction": 0.25, "targets": 4, "proj_dim": 64}
+
+
+def with_reference(steering: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """The block with every ``"REFERENCE"`` replaced by a reference model saved under ``folder``."""
+    text = json.dumps(steering)
+    if '"REFERENCE"' not in text:
+        return steering
+    make_model(seed=1).save_pretrained(folder / "reference")
+    block: dict[str, Any] = json.loads(text.replace('"REFERENCE"', json.dumps(str(folder / "reference"))))
+    return block
+
+
 #: One random mixer and one random selector run: the record and stream depend on the seed only.
 RANDOM_RUNS = [
     {"paradigm": "mix", "algorithm": "random", "update_every": 2},
@@ -325,13 +341,36 @@ def test_resume_matches_an_uninterrupted_run(tmp_path: Path, steering: dict[str,
         },
         {"mix": AIOLI, "weight": {"algorithm": "loss"}},
         {"mix": ADO, "weight": {"algorithm": "loss"}},
+        # Online batch selection, a new selection every step: 32 candidates of the 80-row
+        # pool per step (the checkpoint holds the pass order and the irreducible losses).
+        {"paradigm": "select", "algorithm": "rho_loss", "update_every": 1, "params": RHO_PARAMS},
+        {"paradigm": "select", "algorithm": "greats", "update_every": 1, "params": GREATS_PARAMS},
+        {
+            "select": {"algorithm": "rho_loss", "update_every": 1, "params": RHO_PARAMS},
+            "weight": {"algorithm": "loss"},
+        },
+        {  # within each domain: one pass and one set of irreducible losses per domain
+            "mix": {"algorithm": "random", "update_every": 2},
+            "select": {"algorithm": "rho_loss", "update_every": 1, "params": RHO_PARAMS},
+        },
     ],
-    ids=["uniform", "loss", "adapt", "reducible", "custom", "mix+select+weight", "aioli+loss", "ado+loss"],
+    ids=[
+        "uniform",
+        "loss",
+        "adapt",
+        "reducible",
+        "custom",
+        "mix+select+weight",
+        "aioli+loss",
+        "ado+loss",
+        "rho_loss",
+        "greats",
+        "rho+weight",
+        "mix+rho",
+    ],
 )
 def test_weighted_resume_matches_an_uninterrupted_run(tmp_path: Path, steering: dict[str, Any]) -> None:
-    if steering.get("algorithm") == "reducible":
-        make_model(seed=1).save_pretrained(tmp_path / "reference")
-        steering = {**steering, "params": {"reference_model": str(tmp_path / "reference")}}
+    steering = with_reference(steering, tmp_path)
     anchors = make_dataset((2, 2, 2), seed=5)
     full = run(tmp_path / "full", steering, max_steps=9, save_steps=4, eval_dataset=anchors)
     part = tmp_path / "part"
@@ -340,7 +379,8 @@ def test_weighted_resume_matches_an_uninterrupted_run(tmp_path: Path, steering: 
     records = without_seconds(steering_records(tmp_path / "full" / "steering.jsonl"))
     assert without_seconds(steering_records(part / "steering.jsonl")) == records
     varied = any("weight_min" in r and r["weight_min"] < r["weight_max"] for r in records)
-    assert varied == (steering.get("algorithm") != "uniform")
+    weighted = "weight" in steering or steering.get("paradigm") == "weight"
+    assert varied == (weighted and steering.get("algorithm") != "uniform")
     full_served = full.served()
     assert {s: full_served[s] for s in range(5, 10)} == resumed.served()
     for a, b in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
@@ -526,6 +566,45 @@ def test_less_selects_more_of_the_targets_domain(tmp_path: Path) -> None:
     # gamma is 20% of the pool; gradient alignment with gamma targets picks clearly more.
     assert record["selected"] == 16 and record["unique"] == 16
     assert record["domain_counts"]["gamma"] / 16 >= 0.5, record["domain_counts"]
+
+
+@pytest.mark.parametrize(
+    "select",
+    [
+        {"algorithm": "rho_loss", "update_every": 1, "params": RHO_PARAMS},
+        {"algorithm": "greats", "update_every": 1, "params": GREATS_PARAMS},
+    ],
+    ids=["rho_loss", "greats"],
+)
+def test_online_selectors_compose_with_a_weighter(
+    tmp_path: Path, select: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """select + weight: every step trains exactly the 8 samples its selection kept, each with
+    a loss weight; the selections made before training equal those of the selector alone.
+    rho_loss's IL model scores pool samples only: no training batch goes through it."""
+    import datasteer.integrations.hf as hf
+
+    def no_batch_forward(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a training batch went through the reference model")
+
+    monkeypatch.setattr(hf, "reference_losses", no_batch_forward)
+    select = with_reference(select, tmp_path)
+    anchors = make_dataset((2, 2, 2), seed=5)
+    composed = {"select": select, "weight": {"algorithm": "loss", "params": {"temperature": 0.5}}}
+    trainer = run(tmp_path / "both", composed, max_steps=5, eval_dataset=anchors)
+    run(tmp_path / "alone", {"paradigm": "select", **select}, max_steps=5, eval_dataset=anchors)
+    records = steering_records(tmp_path / "both" / "steering.jsonl")
+    selections = [r for r in records if r["paradigm"] == "select"]
+    weights = [r for r in records if r["paradigm"] == "weight"]
+    assert [(r["first_step"], r["selected"], r["unique"]) for r in selections] == [(s, 8, 8) for s in range(1, 6)]
+    assert [r["step"] for r in weights] == [1, 2, 3, 4, 5]
+    assert all(r["weight_min"] < r["weight_max"] for r in weights)
+    sampler = trainer.steering.sampler  # type: ignore[union-attr]
+    for step, indices in trainer.served().items():
+        first, plan = sampler.plan_at(step)
+        assert first == step and sorted(indices) == sorted(plan.tolist()), step
+    solo = steering_records(tmp_path / "alone" / "steering.jsonl")
+    assert [r["digest"] for r in selections[:2]] == [r["digest"] for r in solo[:2]]  # decided at train begin
 
 
 def test_proportions_of_the_wrong_length_fail_when_the_trainer_is_built(tmp_path: Path) -> None:

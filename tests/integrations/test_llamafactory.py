@@ -171,6 +171,21 @@ def test_doremi_workflow_runs_its_three_steps(tmp_path: Path) -> None:
     assert list(record["proportions"].values()) == pytest.approx(weights["proportions"], abs=1e-8)
 
 
+@pytest.mark.slow
+def test_rho_loss_workflow_runs_its_two_steps(tmp_path: Path) -> None:
+    """Step 1 trains the irreducible-loss model on the held-out splits (a plain run), step 2
+    selects by reducible loss against it: the examples' commands, with fewer steps."""
+    il, main_run = tmp_path / "irreducible", tmp_path / "main"
+    train(EXAMPLES / "select_rho_loss_1_irreducible.yaml", il)
+    assert (il / "config.json").is_file() and not (il / "steering.jsonl").exists()
+    train(EXAMPLES / "select_rho_loss_2_main.yaml", main_run, f"datasteer.params.reference_model={il}")
+    records = steering_records(main_run / "steering.jsonl")
+    assert [(r["first_step"], r["last_step"]) for r in records] == [(s, s) for s in range(1, 7)]
+    assert all(r["selected"] == r["unique"] == 4 and r["nonfinite"] == 0 for r in records)  # batch 4 of 40
+    assert records[0]["irreducible_computed"] == 40  # a new pass over the pool: all new candidates
+    assert sum(r["irreducible_computed"] for r in records) == 6 * 40
+
+
 def test_one_run_builds_each_algorithm_once_and_parses_llamafactory_args_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from datasets import Dataset
 
+from datasteer.errors import SteeringStateError
 from datasteer.ops.gradients import GradFeatureConfig
 from datasteer.ops.losses import IGNORE_INDEX, per_sample_loss
 from datasteer.ops.model_ops import ModelOps, row_lengths
@@ -90,6 +91,21 @@ def test_sample_losses_batch_rows_longest_first_and_return_them_in_order() -> No
         for length in chunk
     )
     assert collator.padding <= padding_in_given_order
+
+
+def test_reference_losses_are_the_reference_models_sample_losses_and_survive_subset() -> None:
+    ds = ragged_dataset()
+    collator = PadCollator()
+    reference = make_model(seed=1)
+    ops = ModelOps(make_model(), ds, collator, 4, torch.device("cpu"), reference=reference)
+    indices = [5, 0, 12, 3, 9]
+    got = ops.reference_losses(indices)
+    with_reference = ModelOps(reference, ds, collator, 4, torch.device("cpu"))
+    torch.testing.assert_close(got, one_by_one_losses(with_reference, indices), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, ops.sample_losses(indices))  # the live model's differ
+    torch.testing.assert_close(ops.subset(indices).reference_losses([4, 0]), got[[4, 0]])
+    with pytest.raises(SteeringStateError, match="no reference model was loaded"):
+        ops_for(ds)[0].reference_losses([0])
 
 
 def test_every_pass_returns_rows_in_the_order_asked_for() -> None:

@@ -118,7 +118,7 @@ class Driver(ABC, Generic[A]):
         return False
 
     def reference_model(self) -> str | None:
-        """Directory of a reference model whose losses the stage needs."""
+        """Directory of a reference model whose losses the stage needs on every training batch."""
         return None
 
     def embedding_layer(self) -> tuple[int, Any] | None:

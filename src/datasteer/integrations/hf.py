@@ -334,7 +334,7 @@ class SteeringMixin:
         token_losses, mask = per_token_loss(logits if weighting else logits.detach(), labels, smoothing)
         losses, counts = token_mean(token_losses, mask)
         excess = ref_mean = embeddings = None
-        if self._steering_reference is not None:
+        if self._steering_reference is not None and ctl.reference_model is not None:  # a mixer's or weighter's
             excess, ref_mean = reference_losses(self._steering_reference, model_inputs, labels, token_losses, smoothing)
         if wanted is not None:
             hidden = getattr(outputs, "hidden_states", None)
@@ -387,6 +387,7 @@ class SteeringMixin:
             targets,
             optimizer,
             scratch_dir=scratch,
+            reference=self._steering_reference,
         )
 
 

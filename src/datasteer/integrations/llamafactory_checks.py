@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 NEEDS_TARGETS = frozenset(
     {
         ("select", "less"),
+        ("select", "greats"),
         ("select", "cluster_less"),
         ("select", "nice"),
         ("select", "near"),
@@ -292,7 +293,9 @@ def _check_steering_inputs(
             continue
         key = f"{_stage_key(steering, paradigm)}.params.reference_model"
         if not Path(path).is_dir():
-            raise ConfigError(f"{key}: {path} does not exist; train the reference model first (DoReMi step 1)")
+            raise ConfigError(
+                f"{key}: {path} does not exist; train the reference model first (DoReMi step 1, RHO-LOSS step 1)"
+            )
         theirs = validate.vocab_size(key, validate.check_model(key, str(path), weights=True) or {})
         if ours is not None and theirs is not None and ours != theirs:
             raise ConfigError(

@@ -122,6 +122,8 @@ class ModelOps:
             features are asked for once per domain when a selector chooses within domains:
             the model does not change within one update, and the operations are built anew
             for each update.
+        reference: the run's frozen reference model (see
+            :class:`~datasteer.capabilities.ComparesToReference`), for :meth:`reference_losses`.
 
     Each rank's rows are taken longest first, so that a batch holds rows of about one
     length and the collator pads little (the results come back in the order asked for).
@@ -139,6 +141,7 @@ class ModelOps:
         name: str | None = None,
         scratch_dir: str | None = None,
         memoize: bool = False,
+        reference: nn.Module | None = None,
     ) -> None:
         self.model = model
         self.dataset = dataset
@@ -150,11 +153,12 @@ class ModelOps:
         self.name = name
         self.scratch_dir = scratch_dir
         self.memoize = memoize
+        self.reference = reference
         self._memo: dict[tuple[Any, ...], torch.Tensor] = {}
 
     def subset(self, indices: Sequence[int] | torch.Tensor) -> ModelOps:
         """The same operations over rows ``indices`` of the pool, renumbered from 0 (the
-        targets and optimizer are shared)."""
+        targets, optimizer and reference model are shared)."""
         rows = _Rows(self.dataset, torch.as_tensor(indices, dtype=torch.long).tolist())
         return ModelOps(
             self.model,
@@ -166,6 +170,7 @@ class ModelOps:
             self.optimizer,
             self.name,
             self.scratch_dir,
+            reference=self.reference,
         )
 
     def target_embeddings(self, *, layer: int = -1, pooling: Pooling = "mean", normalize: bool = True) -> torch.Tensor:
@@ -239,11 +244,30 @@ class ModelOps:
 
         Returns a float32 CPU tensor in the order of ``indices``, the same on every rank.
         """
-        return self._per_row(indices, lambda batches: self._losses(batches, desc))
+        return self._per_row(indices, lambda batches: self._losses(batches, desc, self.model))
 
-    def _losses(self, batches: _Batches, desc: str) -> torch.Tensor:
-        was_training = self.model.training
-        self.model.eval()
+    @torch.no_grad()
+    def reference_losses(self, indices: Sequence[int] | torch.Tensor, desc: str = "reference loss") -> torch.Tensor:
+        """Token-mean loss of each pool sample in ``indices`` under the reference model, as
+        :meth:`sample_losses` computes it under the live model (same batches, same loss).
+
+        Returns a float32 CPU tensor in the order of ``indices``, the same on every rank.
+
+        Raises:
+            SteeringStateError: the operations were built without a reference model.
+        """
+        reference = self.reference
+        if reference is None:
+            raise SteeringStateError(
+                "reference_losses: no reference model was loaded (the algorithm must declare ComparesToReference)"
+            )
+        if next(reference.parameters()).device != self.device:
+            reference.to(self.device)
+        return self._per_row(indices, lambda batches: self._losses(batches, desc, reference))
+
+    def _losses(self, batches: _Batches, desc: str, model: nn.Module) -> torch.Tensor:
+        was_training = model.training
+        model.eval()
         out: list[torch.Tensor] = []
         try:
             with tqdm(
@@ -252,11 +276,11 @@ class ModelOps:
                 for batch in batches:
                     labels = batch.pop("labels").to(self.device)
                     inputs = {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-                    logits = self.model(**inputs).logits
+                    logits = model(**inputs).logits
                     out.append(per_sample_loss(logits, labels)[0].float().cpu())
                     bar.update(len(labels))
         finally:
-            self.model.train(was_training)
+            model.train(was_training)
         return torch.cat(out) if out else torch.empty(0)
 
     def _store(

@@ -33,7 +33,7 @@ def load_reference_model(path: str, like: nn.Module) -> nn.Module:
     if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
         raise ConfigError(
             f"reference_model: {path} holds no saved model (config.json or adapter_config.json); "
-            "train the reference model first (DoReMi step 1)"
+            "train the reference model first (DoReMi step 1, RHO-LOSS step 1)"
         )
     dtype = next(like.parameters()).dtype
     model: Any

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 
 from datasteer.algorithm import Algorithm, UpdateContext
+from datasteer.errors import SteeringStateError
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +50,69 @@ def candidate_subset(ctx: SelectContext, size: int | None, *, keeps_top: str | N
         candidates = torch.arange(ctx.pool_size)
     else:
         candidates = torch.randperm(ctx.pool_size, generator=ctx.generator)[:size].sort().values
-    if keeps_top is not None and len(candidates) <= ctx.num_samples:
-        _warn_no_choice(keeps_top, len(candidates), ctx.num_samples, size is not None and size < ctx.pool_size)
+    if keeps_top is not None:
+        warn_if_no_choice(keeps_top, ctx, len(candidates), subset=size is not None and size < ctx.pool_size)
     return candidates
+
+
+def warn_if_no_choice(name: str, ctx: SelectContext, candidates: int, *, subset: bool) -> None:
+    """Warn (once per setting) a selector that keeps its ``ctx.num_samples`` best-scored
+    candidates when it has no more than that many: it keeps them all, whatever its scores.
+
+    Args:
+        name: the selector's name.
+        ctx: the update's context.
+        candidates: how many candidates it scored.
+        subset: whether they were a subset of the pool (the fix is then more candidates).
+    """
+    if candidates <= ctx.num_samples:
+        _warn_no_choice(name, candidates, ctx.num_samples, subset)
+
+
+def candidate_count(selected: int, fraction: float) -> int:
+    """Candidates to score so that ``selected`` of them are a ``fraction``: ``ceil(selected /
+    fraction)``, immune to float noise (``8 / 0.1`` is 80, not 81)."""
+    return math.ceil(round(selected / fraction, 9))
+
+
+class PoolPasses:
+    """Candidate batches as successive slices of shuffled passes over the pool.
+
+    This is how a data loader that shuffles each epoch serves the large batches that online
+    batch selection (RHO-LOSS, GREATS) chooses from: every sample is a candidate once per
+    pass. A batch that crosses the end of a pass takes the pass's last samples and opens
+    the next pass with them, followed by the other samples in a fresh seeded order, so a
+    batch never holds a sample twice and each pass is a permutation. Each permutation is
+    drawn from the context's generator of the update that needs it, so the passes are the
+    same on every rank; they are part of the selector's state.
+    """
+
+    def __init__(self) -> None:
+        self.order: torch.Tensor | None = None  # the current pass
+        self.position = 0  # where the next batch starts in it
+
+    def next(self, ctx: SelectContext, size: int) -> torch.Tensor:
+        """The next ``size`` candidates, sorted by pool index (the whole pool if it is not larger)."""
+        n = ctx.pool_size
+        if self.order is not None and len(self.order) != n:
+            raise SteeringStateError(f"the selector's state is for a pool of {len(self.order)} samples, this has {n}")
+        if size >= n:
+            return torch.arange(n)
+        if self.order is None:
+            self.order, self.position = torch.randperm(n, generator=ctx.generator), 0
+        batch = self.order[self.position : self.position + size]
+        if len(batch) < size:
+            fresh = torch.randperm(n, generator=ctx.generator)
+            self.order, self.position = torch.cat([batch, fresh[~torch.isin(fresh, batch)]]), 0
+            batch = self.order[:size]
+        self.position += size
+        return batch.sort().values
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"order": self.order, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.order, self.position = state["order"], int(state["position"])
 
 
 @functools.cache
