@@ -5,6 +5,7 @@ Usage: python -m torch.distributed.run --nproc-per-node 2 ddp_worker.py OUT_DIR 
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -154,16 +155,20 @@ def worker_args(out: Path, **overrides: object) -> TrainingArguments:
 
 
 def leave() -> None:
-    """Tear the process group down before the interpreter exits.
+    """Release what holds the process group, then tear it down before the interpreter exits.
 
     With torch 2.13, a gloo rank that reaches interpreter teardown with its process group
-    alive can abort ("terminate called without an active exception"; a bare 2-rank
-    all-reduce script did in 5 of 10 runs). With the group destroyed first, 10 consecutive
-    2-rank runs of this worker and of ``datasteer train --nproc 2`` ended cleanly
-    (``benchmarks/clean_exits.py``), so the workers exit as any script does.
+    alive can abort ("terminate called without an active exception"). Destroying the group
+    is not enough while a DDP-wrapped model (the Trainer's) still holds it: the group is
+    then freed during interpreter teardown, and a 2-rank aioli run aborted that way in CI.
+    So the caller drops its trainer first, and the cycles that keep it alive are collected
+    here before the group is destroyed.
     """
+    gc.collect()
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
+    gc.collect()
 
 
 def finish(out: Path, record: object) -> None:
@@ -173,7 +178,7 @@ def finish(out: Path, record: object) -> None:
     leave()
 
 
-def main() -> None:
+def main() -> tuple[Path, dict[str, Any]]:
     out, paradigm = Path(sys.argv[1]), sys.argv[2]
     args = worker_args(out, logging_steps=1)
     # Target rows of domain gamma: prompt/response rows for NICE, plain rows otherwise.
@@ -216,8 +221,8 @@ def main() -> None:
         "learned": learned.tolist() if learned is not None else None,
         "report": report,  # what the mixer learned, on this rank
     }
-    finish(out, record)
+    return out, record
 
 
 if __name__ == "__main__":
-    main()
+    finish(*main())  # the trainer is released when main returns, before the group is destroyed
