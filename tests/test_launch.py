@@ -121,6 +121,9 @@ TRACE = textwrap.dedent(
             path = os.environ["DATASTEER_TEST_TRACE"] + ".rank" + os.environ.get("RANK", "0")
             with open(path, "a") as f:
                 f.write(json.dumps(batch[hf.INDEX_KEY].tolist()) + "\\n")
+            from transformers.integrations import is_deepspeed_zero3_enabled
+            with open(path + ".zero3", "w") as f:
+                f.write(str(is_deepspeed_zero3_enabled()))
             return batch
         hf.IndexCollator.__call__ = traced
     """
@@ -243,8 +246,9 @@ def test_the_deepspeed_launcher_with_zero3_from_the_yaml(tmp_path: Path) -> None
         f"deepspeed={EXAMPLES / 'deepspeed' / 'ds_z3_config.json'}",
         launcher=[*launcher, "--module", *DATASTEER[2:]],
     )
-    assert "Detected DeepSpeed ZeRO-3" in proc.stdout + proc.stderr  # its log may go to either
-    logged = decisions(proc.stderr)
+    for rank in (0, 1):  # each rank trained under ZeRO-3 (recorded by the trace)
+        assert (tmp_path / f"two.rank{rank}.zero3").read_text() == "True"
+    logged = decisions(proc.stdout + proc.stderr)  # the launcher may forward either stream
     assert len(logged) >= 4 and set(logged.values()) == {2}
 
 
