@@ -178,7 +178,7 @@ class StreamedDomains(torch.utils.data.Dataset):
         return self._length
 
     def __getitem__(self, index: int) -> Any:
-        domain, position = divmod_index(int(index), self.num_domains)
+        position, domain = divmod(int(index), self.num_domains)  # as decode(), for one index
         return self._cursors[domain].row(position)
 
     def hold_steps_of(self, global_batch: int) -> None:
@@ -193,17 +193,6 @@ class StreamedDomains(torch.utils.data.Dataset):
     def restarts(self) -> list[int]:
         """How often each stream was opened (once, plus once per read before its window)."""
         return [c.restarts for c in self._cursors]
-
-
-def divmod_index(index: int, num_domains: int) -> tuple[int, int]:
-    """(domain, position) of one stream index."""
-    position, domain = divmod(index, num_domains)
-    return domain, position
-
-
-def is_streamed(dataset: Any) -> bool:
-    """Whether ``dataset`` is (or wraps) a :class:`StreamedDomains`."""
-    return isinstance(dataset, StreamedDomains) or isinstance(getattr(dataset, "base", None), StreamedDomains)
 
 
 def streamed_names(dataset: StreamedDomains, names: Sequence[str] | None) -> tuple[str, ...]:
