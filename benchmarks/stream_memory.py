@@ -111,7 +111,7 @@ def child(folder: Path, rows: int) -> dict[str, Any]:
         "seconds": seconds,
         "rows_per_s": read / seconds,
         "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "positions": np.asarray(state["cursor"]).tolist(),
+        "positions": np.asarray(state["stream_positions"]).tolist(),
         "peak_trace_mib": trace,
     }
 

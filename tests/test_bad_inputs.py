@@ -395,7 +395,7 @@ CASES = [
     Case("no-training", r"do_train: a steered run must train", ("do_train=false",)),
     Case(
         "streaming-select",
-        r"select/loss: streamed domains need a mix stage .* select needs a map-style pool",
+        r"select/loss: streamed domains need a mix stage .* use mix: \{algorithm: static\}",
         ("streaming=true",),
         example="select_loss.yaml",
     ),

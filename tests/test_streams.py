@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from datasteer.controller import SteeringController
-from datasteer.errors import ConfigError, SteeringStateError
+from datasteer.errors import ConfigError
 from datasteer.plan import build_plan
 from datasteer.samplers import MixtureSampler
 from datasteer.streams import StreamedDomains, decode, encode, open_stream
@@ -53,7 +53,7 @@ def test_an_index_names_a_domain_and_a_position_in_its_stream() -> None:
 
 def test_a_stream_is_read_forward_once_and_starts_over_at_its_end() -> None:
     a, b = Counting(5), Counting(3)
-    streams = StreamedDomains({"a": a, "b": b}, window=2)
+    streams = StreamedDomains({"a": a, "b": b}, keep=2)
     # a: positions 0, 1, 2 (indices 0, 2, 4); b: positions 0..4 wrap to rows 0 1 2 0 1
     assert [streams[i] for i in (0, 2, 4)] == [0, 1, 2]
     assert a.opened == 1 and a.read == 3
@@ -67,7 +67,7 @@ def test_a_stream_is_read_forward_once_and_starts_over_at_its_end() -> None:
 
 def test_rows_asked_for_out_of_order_within_the_window_are_read_once() -> None:
     a = Counting(100)
-    streams = StreamedDomains({"a": a}, window=8)
+    streams = StreamedDomains({"a": a}, keep=8)
     for first in range(0, 96, 8):  # each step's 8 rows, shuffled
         assert [streams[first + i] for i in (5, 1, 7, 0, 3, 2, 6, 4)] == [first + i for i in (5, 1, 7, 0, 3, 2, 6, 4)]
     assert a.opened == 1 and a.read == 96
@@ -139,15 +139,10 @@ def test_the_stream_positions_survive_a_resume() -> None:
     for step in range(1, 5):
         part.indices_for_step(step)
     state = part.state_dict(4)
-    assert state["cursor"].tolist() != [0, 0, 0]
+    assert state["stream_positions"].tolist() != [0, 0, 0]
     resumed = MixtureSampler(None, 3, global_batch=8, seed=3, steps_per_epoch=20)
     resumed.load_state_dict(state)
     assert [resumed.indices_for_step(s).tolist() for s in range(5, 9)] == expected[4:]
-
-
-def test_a_selection_cannot_be_composed_under_streams() -> None:
-    with pytest.raises(SteeringStateError, match="streamed"):
-        stream_sampler().add_selection(2, np.array([0, 1]))
 
 
 @pytest.mark.parametrize(
@@ -155,7 +150,7 @@ def test_a_selection_cannot_be_composed_under_streams() -> None:
     [
         ({"paradigm": "mix", "algorithm": "static"}, None, "max_steps"),
         ({"paradigm": "weight", "algorithm": "loss"}, 10, "need a mix stage"),
-        ({"mix": {"algorithm": "static"}, "select": {"algorithm": "random"}}, 10, "map-style pool"),
+        ({"paradigm": "select", "algorithm": "random"}, 10, "need a mix stage"),
         ({"paradigm": "mix", "algorithm": "dynamic_moe"}, 10, "pool rows"),
     ],
 )

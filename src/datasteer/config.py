@@ -185,8 +185,18 @@ class StageConfig:
     )
     update_every: int = doc("Optimizer steps between updates (select and mix).", default=1)
     max_updates: int | None = doc("Stop updating after this many updates; the last stays in force.", default=None)
+    stream_window: float | None = doc(
+        "Select with streamed domains: each update chooses a domain's share of its steps from the next "
+        "stream_window x share rows of that domain's stream (the candidate window; the rest are skipped). "
+        "Default: the selector's own ratio (rho_loss, greats: 1 / fraction), else 4.",
+        default=None,
+    )
 
     def __post_init__(self) -> None:
+        if self.stream_window is not None and self.stream_window < 1:
+            raise ConfigError(
+                f"stream_window: must be >= 1 (candidate rows per selected row), got {self.stream_window}"
+            )
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
         if self.update_every < 1:
@@ -311,6 +321,8 @@ def _parse_stage(paradigm: str, raw: Mapping[str, Any], where: str) -> StageConf
             f"{where}.update_every: weighting acts at every step; remove update_every/max_updates "
             "(they apply to select and mix)"
         )
+    if paradigm != "select" and stage.stream_window is not None:
+        raise ConfigError(f"{where}.stream_window: applies to a select stage only (its candidate windows)")
     spec = registry_for(paradigm).get(stage.algorithm, where=f"{where}.algorithm")
     stage.params = parse_dataclass(spec.params_cls, raw_params, f"{where}.params")
     return stage

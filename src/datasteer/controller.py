@@ -26,6 +26,7 @@ import torch
 
 from datasteer import dist
 from datasteer.drivers import DRIVERS, Driver, RunInfo, TrainedBatch, digest
+from datasteer.drivers.select import SelectDriver
 from datasteer.errors import ConfigError, SteeringStateError
 from datasteer.mixers.base import Mixer
 from datasteer.ops.protocol import ModelOperations
@@ -33,6 +34,7 @@ from datasteer.plan import SteeringPlan
 from datasteer.runlog import RunLog
 from datasteer.samplers import MixtureSampler, SelectionSampler
 from datasteer.schedule import Schedule
+from datasteer.selectors.base import Selector
 
 __all__ = ["STATE_VERSION", "Schedule", "SteeringController", "digest"]
 
@@ -43,16 +45,23 @@ STATE_VERSION = 2
 
 def check_streamable(plan: SteeringPlan, steps: int | None) -> None:
     """ConfigError unless ``plan`` can steer streamed domains for ``steps`` steps: a mix stage
-    decides which stream each sample comes from, and no stage needs the pool's rows."""
+    decides which stream each sample comes from, a selector chooses from candidate windows
+    of the streams, and no stage needs the whole pool."""
     if steps is None or steps < 1:
         raise ConfigError("max_steps: streamed domains have no length; set max_steps > 0")
     if "mix" not in plan.algorithms:
         raise ConfigError(
             f"{plan.config.describe()}: streamed domains need a mix stage (it decides which stream each "
-            "sample comes from); select needs a map-style pool (set streaming: false)"
+            "sample comes from; for one stream, or fixed shares, use mix: {algorithm: static})"
         )
-    if "select" in plan.algorithms:
-        raise ConfigError("select: selection needs a map-style pool; with streamed domains use mix (and weight)")
+    selector = plan.algorithms.get("select")
+    if isinstance(selector, Selector):
+        selector.check_streams()
+        if plan.config.stages["select"].max_updates is not None:
+            raise ConfigError(
+                "select.max_updates: with streamed domains every update chooses from a new candidate window, "
+                "and a last selection cannot serve a stream for the rest of the run; drop max_updates"
+            )
     mixer = plan.algorithms["mix"]
     if isinstance(mixer, Mixer) and mixer.needs_pool:
         raise ConfigError(
@@ -96,6 +105,9 @@ class SteeringController:
         self._resumed_at: int | None = None
         self._served = np.zeros(len(self.domain_names), dtype=np.int64)
         plan.check_domains(self.domain_names)
+        select = plan.config.stages.get("select")
+        if not streamed and select is not None and select.stream_window is not None:
+            raise ConfigError("select.stream_window: applies to streamed domains only (their candidate windows)")
         sampler: MixtureSampler | SelectionSampler | None = None
         if streamed:
             check_streamable(plan, stream_steps)
@@ -121,6 +133,13 @@ class SteeringController:
     @property
     def max_steps(self) -> int:
         return self.run.max_steps
+
+    @property
+    def stream_rows(self) -> int:
+        """Streamed domains: rows of each stream to keep after they are read (a step's rows
+        arrive shuffled; a selector's candidate windows are read ahead of their steps)."""
+        windows = [d.stream_rows() for d in self.drivers if isinstance(d, SelectDriver)]
+        return max([self.run.global_batch, *windows])
 
     @property
     def needs_sample_losses(self) -> bool:

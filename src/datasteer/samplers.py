@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,7 +38,7 @@ from torch.utils.data import Sampler
 
 from datasteer.errors import SteeringStateError
 from datasteer.rng import torch_generator
-from datasteer.streams import encode
+from datasteer.streams import decode, encode
 
 #: How many recent per-step stream positions the mixture sampler keeps (covers prefetching).
 _SNAPSHOTS = 256
@@ -234,6 +235,24 @@ def systematic_counts(proportions: np.ndarray, total: int, u: float) -> np.ndarr
     return np.diff(below)
 
 
+@dataclass
+class _Position:
+    """Where a mixture stream stands at the start of a step.
+
+    ``drawn``: draws made from each domain's part of the selection in force (positions in
+    its seeded order; from the whole domain when no selection is in force). ``stream``: with
+    streamed domains, the first row of each stream not yet served or taken into a candidate
+    window. ``selection``: the first step of the selection ``drawn`` counts in.
+    """
+
+    drawn: np.ndarray
+    stream: np.ndarray
+    selection: int
+
+    def copy(self) -> _Position:
+        return _Position(self.drawn.copy(), self.stream.copy(), self.selection)
+
+
 class MixtureSampler(SteeringSampler):
     """Serves each step's batch as a mixture of domains in the proportions in force.
 
@@ -243,6 +262,15 @@ class MixtureSampler(SteeringSampler):
     each time they are used up), or from the whole domain when the selection in force has
     none of it (e.g. before the first selection). The per-domain positions restart when a
     new selection comes into force.
+
+    Streamed domains (``domains=None``, :mod:`datasteer.streams`): an index names a domain
+    and a position in its stream, and a domain's share of a step is its stream's next rows.
+    A selection then chooses from a **candidate window** of each stream: the rows from the
+    stream position at the selection's first step (:meth:`stream_position`) to its
+    ``window_end``. The selected rows are served (in a seeded order, cycling) while the
+    selection is in force, the other rows of the window are skipped, and when it comes into
+    force each stream continues after its window. A domain the selection has no rows of
+    takes its stream's next rows, as without a selection.
     """
 
     def __init__(
@@ -266,10 +294,11 @@ class MixtureSampler(SteeringSampler):
         self.domain_of = domains
         self.members = [np.flatnonzero(domains == d) for d in range(num_domains)]
         self._selections: list[tuple[int, np.ndarray | None]] = [(1, None)]
-        self._cursor = np.zeros(num_domains, dtype=np.int64)  # draws made from each domain
-        self._cursor_step = 1
-        self._cursor_selection = 1  # first step of the selection the positions count in
-        self._snapshots: OrderedDict[int, tuple[np.ndarray, int]] = OrderedDict({1: (self._cursor.copy(), 1)})
+        self._windows: list[tuple[int, np.ndarray | None]] = [(1, None)]  # streamed: each selection's window ends
+        zeros = np.zeros(num_domains, dtype=np.int64)
+        self._pos = _Position(zeros.copy(), zeros.copy(), 1)  # at the start of step _pos_step
+        self._pos_step = 1
+        self._snapshots: OrderedDict[int, _Position] = OrderedDict({1: self._pos.copy()})
         self._selected: tuple[int, list[np.ndarray]] | None = None  # cache: (first step, members)
 
     def add_plan(self, first_step: int, plan: Any) -> None:
@@ -281,10 +310,29 @@ class MixtureSampler(SteeringSampler):
             raise ValueError(f"domains {empty} have no samples but positive proportions")
         super().add_plan(first_step, p)
 
-    def add_selection(self, first_step: int, indices: np.ndarray) -> None:
-        """Draw each domain's share from the selected pool indices from ``first_step`` on."""
+    def add_selection(self, first_step: int, indices: np.ndarray, window_end: np.ndarray | None = None) -> None:
+        """Draw each domain's share from the selected pool indices from ``first_step`` on.
+
+        With streamed domains, ``indices`` are stream indices of the candidate windows, and
+        ``window_end`` (required) is the stream position after each domain's window: the
+        stream continues there when the selection comes into force.
+        """
         if self.streamed:
-            raise SteeringStateError("a selection cannot be composed under a mixture of streamed domains")
+            if window_end is None:
+                raise SteeringStateError("a selection of streamed domains needs the end of its candidate windows")
+            end = np.asarray(window_end, dtype=np.int64)
+            start = self.stream_position(first_step)
+            if end.shape != (self.num_domains,) or bool((end < start).any()):
+                raise ValueError(f"window ends {end.tolist()} do not follow the stream positions {start.tolist()}")
+            chosen = _checked_selection(indices, np.iinfo(np.int64).max)
+            domains, positions = decode(chosen, self.num_domains)
+            if bool((positions < start[domains]).any() or (positions >= end[domains]).any()):
+                raise ValueError("selected stream rows must lie in their domain's candidate window")
+            self._selections = self._registered(self._selections, first_step, chosen)
+            self._windows = self._registered(self._windows, first_step, end)
+            return
+        if window_end is not None:
+            raise ValueError("window_end applies to streamed domains only")
         self._selections = self._registered(self._selections, first_step, _checked_selection(indices, self.pool_size))
 
     def selection_at(self, step: int) -> np.ndarray | None:
@@ -292,11 +340,14 @@ class MixtureSampler(SteeringSampler):
         chosen: np.ndarray | None = self._in_force(self._selections, step)[1]
         return chosen
 
+    def _domain_ids(self, indices: np.ndarray) -> np.ndarray:
+        return decode(indices, self.num_domains)[0] if self.streamed else self.domain_of[indices]
+
     def _domain_members(self, first: int, chosen: np.ndarray | None) -> list[np.ndarray]:
         if chosen is None:
             return self.members
         if self._selected is None or self._selected[0] != first:
-            ids = self.domain_of[chosen]
+            ids = self._domain_ids(chosen)
             self._selected = (first, [chosen[ids == d] for d in range(self.num_domains)])
         return self._selected[1]
 
@@ -306,36 +357,66 @@ class MixtureSampler(SteeringSampler):
         u = float(torch.rand((), generator=torch_generator(self.seed, "mix-counts", step), dtype=torch.float64))
         return systematic_counts(p, self.global_batch, u)
 
-    def _draw(self, step: int) -> np.ndarray:
-        if step != self._cursor_step:
-            if step not in self._snapshots:
-                raise SteeringStateError(f"the mixture stream is at step {self._cursor_step}, asked for {step}")
-            cursor, selection = self._snapshots[step]
-            self._cursor, self._cursor_selection = cursor.copy(), selection
-            self._cursor_step = step
+    # -- the walk through the stream -----------------------------------------------------
+    def _position_at(self, step: int) -> _Position:
+        """The position at the start of ``step``, walked from the latest known one at or before it."""
+        if step == self._pos_step:
+            return self._pos.copy()
+        known = [s for s in self._snapshots if s <= step]
+        if not known:
+            raise SteeringStateError(f"the mixture stream is at step {self._pos_step}, asked for {step}")
+        at = max(known)
+        pos = self._snapshots[at].copy()
+        for s in range(at, step):
+            self._serve(s, pos)
+        return pos
+
+    def _serve(self, step: int, pos: _Position) -> list[np.ndarray]:
+        """Step ``step``'s indices, domain by domain (unshuffled); advances ``pos`` past it."""
         sel_first, chosen = self._in_force(self._selections, step)
-        if sel_first != self._cursor_selection:
-            self._cursor[:] = 0
-            self._cursor_selection = sel_first
+        if sel_first != pos.selection:
+            pos.drawn[:] = 0
+            pos.selection = sel_first
+            end = self._in_force(self._windows, step)[1]
+            if self.streamed and end is not None:  # the stream continues after the candidate window
+                pos.stream = end.copy()
         selected = self._domain_members(sel_first, chosen)
         counts = self.domain_counts(step)
         parts = []
         for d in np.flatnonzero(counts):
-            positions = self._cursor[d] + np.arange(counts[d], dtype=np.int64)
-            self._cursor[d] += counts[d]
-            if self.streamed:  # the next rows of the domain's stream, in its order
+            members = selected[d]
+            if self.streamed and (chosen is None or not len(members)):  # the stream's next rows, in its order
+                positions = pos.stream[d] + np.arange(counts[d], dtype=np.int64)
+                pos.stream[d] += counts[d]
                 parts.append(encode(np.full_like(positions, d), positions, self.num_domains))
                 continue
-            members = selected[d]
+            positions = pos.drawn[d] + np.arange(counts[d], dtype=np.int64)
+            pos.drawn[d] += counts[d]
             key: tuple[Any, ...] = ("domain", int(d))
             if chosen is not None and len(members):
                 key = ("selected", sel_first, int(d))
             elif chosen is not None:  # nothing of d selected: the whole domain, in a fresh order
                 members, key = self.members[d], ("domain", int(d), sel_first)
             parts.append(members[self._perms.lookup(key, len(members), positions)])
+        return parts
+
+    def stream_position(self, step: int) -> np.ndarray:
+        """Streamed domains: each stream's next row at the start of ``step``, before a
+        selection that starts at ``step`` (where its candidate windows start)."""
+        if not self.streamed:
+            raise SteeringStateError("stream positions exist for streamed domains only")
+        pos = self._position_at(step)
+        return pos.stream
+
+    def _draw(self, step: int) -> np.ndarray:
+        if step != self._pos_step:
+            if step not in self._snapshots:
+                raise SteeringStateError(f"the mixture stream is at step {self._pos_step}, asked for {step}")
+            self._pos, self._pos_step = self._snapshots[step].copy(), step
+        parts = self._serve(step, self._pos)
         order = torch.randperm(self.global_batch, generator=torch_generator(self.seed, "mix-order", step)).numpy()
-        self._cursor_step = step + 1
-        self._snapshots[step + 1] = (self._cursor.copy(), self._cursor_selection)
+        self._pos_step = step + 1
+        self._snapshots[step + 1] = self._pos.copy()
         while len(self._snapshots) > _SNAPSHOTS:
             self._snapshots.popitem(last=False)
         result: np.ndarray = np.concatenate(parts)[order]
@@ -343,19 +424,26 @@ class MixtureSampler(SteeringSampler):
 
     def state_dict(self, step: int) -> dict[str, Any]:
         state = super().state_dict(step)
-        if step + 1 not in self._snapshots:
-            raise SteeringStateError(f"no mixture stream position recorded for step {step + 1}")
-        cursor, selection = self._snapshots[step + 1]
-        state["cursor"] = torch.from_numpy(cursor.copy())
+        pos = self._position_at(step + 1)
+        state["cursor"] = torch.from_numpy(pos.drawn.copy())
         state["selections"] = self._kept(self._selections, step)
-        state["cursor_selection"] = selection
+        state["cursor_selection"] = pos.selection
+        if self.streamed:
+            state["stream_positions"] = torch.from_numpy(pos.stream.copy())
+            state["windows"] = self._kept(self._windows, step)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self._cursor = np.asarray(state["cursor"].numpy(), dtype=np.int64).copy()
-        self._cursor_step = int(state["step"]) + 1
         self._selections = [(int(s), _from_tensor(c)) for s, c in state.get("selections", [(1, None)])]
-        self._cursor_selection = int(state.get("cursor_selection", self._selections[0][0]))
+        self._windows = [(int(s), _from_tensor(c)) for s, c in state.get("windows", [(1, None)])]
+        drawn = np.asarray(state["cursor"].numpy(), dtype=np.int64).copy()
+        stream = state.get("stream_positions")
+        if self.streamed and stream is None:  # saved before selections could be streamed: cursor held the positions
+            stream, drawn = drawn.copy(), np.zeros_like(drawn)
+        else:
+            stream = np.zeros_like(drawn) if stream is None else np.asarray(stream.numpy(), dtype=np.int64).copy()
+        selection = int(state.get("cursor_selection", self._selections[0][0]))
+        self._pos, self._pos_step = _Position(drawn, stream, selection), int(state["step"]) + 1
         self._selected = None
-        self._snapshots = OrderedDict({self._cursor_step: (self._cursor.copy(), self._cursor_selection)})
+        self._snapshots = OrderedDict({self._pos_step: self._pos.copy()})

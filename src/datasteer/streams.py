@@ -24,6 +24,7 @@ which domain each slot comes from.
 from __future__ import annotations
 
 import logging
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -84,23 +85,29 @@ def open_stream(path: str | Path, transform: Callable[[dict[str, Any]], dict[str
 class _Cursor:
     """Reads one domain's stream forward; position ``p`` is row ``p mod length``.
 
-    The last ``window`` rows read are kept: a step's rows are served shuffled, so a domain's
-    rows are asked for slightly out of order, and an earlier row outside the window
-    restarts the stream.
+    The last ``keep`` rows read are kept: a step's rows are served shuffled, so a domain's
+    rows are asked for slightly out of order (and a selector's candidate windows are read
+    ahead of their steps); an earlier row no longer kept restarts the stream.
     """
 
-    def __init__(self, name: str, source: Iterable[Any], window: int) -> None:
+    def __init__(self, name: str, source: Iterable[Any], keep: int) -> None:
         self.name = name
         self.source = source
-        self.window = window
+        self.keep = keep
         self.length: int | None = None  # known once the stream has ended once
         self.restarts = 0
         self._iterator: Iterator[Any] | None = None
+        self._owner = 0  # the process that opened the iterator
         self._next = 0  # stream row the iterator yields next
         self._recent: OrderedDict[int, Any] = OrderedDict()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # An open stream does not pickle (a spawned data loader worker opens its own).
+        return {**self.__dict__, "_iterator": None}
+
     def _restart(self, row: int) -> None:
         self.restarts += 1
+        self._owner = os.getpid()
         skip = getattr(self.source, "skip", None)
         if row > 0 and callable(skip):
             self._iterator, self._next = iter(skip(row)), row
@@ -112,7 +119,9 @@ class _Cursor:
         row = position if self.length is None else position % self.length
         if row in self._recent:
             return self._recent[row]
-        if self._iterator is None or row < self._next:
+        # A forked data loader worker opens its own stream: an iterator opened by the parent
+        # (e.g. to read a candidate window) shares its open files, and their read offsets.
+        if self._iterator is None or row < self._next or self._owner != os.getpid():
             self._restart(row)
         assert self._iterator is not None
         while True:
@@ -131,7 +140,7 @@ class _Cursor:
                 self._restart(row)
                 continue
             self._recent[self._next] = value
-            if len(self._recent) > self.window:
+            if len(self._recent) > self.keep:
                 self._recent.popitem(last=False)
             self._next += 1
             if self._next - 1 == row:
@@ -147,18 +156,18 @@ class StreamedDomains(torch.utils.data.Dataset):
             read again from its start.
         length: what ``len()`` reports (the Trainer asks for one; the steering sampler, not
             this number, decides what is read). Default: a large number.
-        window: rows of each stream kept after they are read; a steered Trainer raises it
-            to the global batch (a step's rows are served in shuffled order, and a row
-            asked for before the window restarts the stream).
+        keep: rows of each stream kept after they are read; a steered Trainer raises it to
+            what its steps need at once (:meth:`hold_rows`). A row asked for after it is no
+            longer kept restarts the stream.
     """
 
-    def __init__(self, streams: Mapping[str, Iterable[Any]], length: int = 2**40, window: int = 1024) -> None:
+    def __init__(self, streams: Mapping[str, Iterable[Any]], length: int = 2**40, keep: int = 1024) -> None:
         if not streams:
             raise ConfigError("streams: name at least one domain stream")
-        if window < 1:
-            raise ConfigError(f"window: must be >= 1, got {window}")
+        if keep < 1:
+            raise ConfigError(f"keep: must be >= 1, got {keep}")
         self.domain_names: tuple[str, ...] = tuple(streams)
-        self._cursors = [_Cursor(name, source, window) for name, source in streams.items()]
+        self._cursors = [_Cursor(name, source, keep) for name, source in streams.items()]
         self._length = length
 
     @classmethod
@@ -181,17 +190,18 @@ class StreamedDomains(torch.utils.data.Dataset):
         position, domain = divmod(int(index), self.num_domains)  # as decode(), for one index
         return self._cursors[domain].row(position)
 
-    def hold_steps_of(self, global_batch: int) -> None:
-        """Keep at least one step's rows of each stream: a step's rows arrive in shuffled order."""
+    def hold_rows(self, rows: int) -> None:
+        """Keep at least ``rows`` rows of each stream after they are read (a steered Trainer
+        asks for a step's rows, which arrive in shuffled order, and a selector's candidate windows)."""
         for cursor in self._cursors:
-            cursor.window = max(cursor.window, global_batch)
+            cursor.keep = max(cursor.keep, rows)
 
     def lengths(self) -> list[int | None]:
         """Rows of each domain's stream, where it has been read to its end (else None)."""
         return [c.length for c in self._cursors]
 
     def restarts(self) -> list[int]:
-        """How often each stream was opened (once, plus once per read before its window)."""
+        """How often each stream was opened (once, plus once per read of a row no longer kept)."""
         return [c.restarts for c in self._cursors]
 
 

@@ -135,7 +135,7 @@ def test_the_streaming_example_resumes_after_a_kill_as_if_uninterrupted(tmp_path
     assert len({tuple(r["proportions"].values()) for r in records if "proportions" in r}) > 1
     state = torch.load(tmp_path / "full" / "checkpoint-3" / STATE_FILE, weights_only=False)
     sampler = state["sampler"]
-    assert int(sampler["cursor"].sum()) == 3 * sampler["global_batch"]  # rows read from the streams by step 3
+    assert int(sampler["stream_positions"].sum()) == 3 * sampler["global_batch"]  # rows read from the streams by step 3
 
 
 @pytest.mark.slow

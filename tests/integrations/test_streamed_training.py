@@ -51,7 +51,7 @@ def test_a_streamed_resume_matches_an_uninterrupted_run(tmp_path: Path, steering
     part = tmp_path / "part"
     run(part, steering, max_steps=9, save_steps=4, callbacks=[StopAt(6)], dataset=make_streams(tmp_path / "s2"))
     state = torch.load(part / "checkpoint-4" / "steering_state.pt", weights_only=False)
-    assert int(state["sampler"]["cursor"].sum()) == 4 * 8  # the rows read from each stream by step 4
+    assert int(state["sampler"]["stream_positions"].sum()) == 4 * 8  # the rows read from each stream by step 4
     resumed = run(
         part,
         steering,

@@ -9,9 +9,18 @@ proportions known when the selection is made (the sum of each step's systematic 
 The mixture then draws each domain's share of a step from its selected samples. Stateful
 selectors keep one state per domain (a copy of the built algorithm per domain).
 
+With streamed domains (:mod:`datasteer.streams`) a domain's pool is a **candidate window**:
+the next ``ceil(q_d x ratio)`` rows of its stream from where the stream stands at the
+update's first step (``ratio``: the stage's ``stream_window``, else the selector's own).
+The selector keeps ``q_d`` of them, the sampler serves those while the selection is in
+force, and the stream continues after the window; the other rows are skipped. Each window
+is a new pool, so each selector forgets what it tied to the previous one
+(:meth:`~datasteer.selectors.base.Selector.reset_pool`).
+
 A selector that finds no finite score to select by raises
 :class:`~datasteer.errors.NonFiniteInputError`; the selection in force then stands (for
-that domain, under a mixer), with a warning and ``kept: true`` in the record.
+that domain, under a mixer; with streams the domain takes its window's rows in stream
+order instead), with a warning and ``kept: true`` in the record.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import math
 import time
 from typing import Any
 
@@ -32,6 +42,7 @@ from datasteer.ops.protocol import ModelOperations
 from datasteer.rng import torch_generator
 from datasteer.samplers import MixtureSampler
 from datasteer.selectors.base import SelectContext, Selector
+from datasteer.streams import encode
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +64,7 @@ class SelectDriver(Driver[Selector]):
         # One selector per domain under a mixer (their states differ); the built one serves domain 0.
         count = self.run.num_domains if self.within_domains else 1
         self.selectors = [self.algorithm, *(copy.deepcopy(self.algorithm) for _ in range(count - 1))]
+        self.window_ratio = self.stage.stream_window or self.algorithm.window_ratio()
         self._ran: list[Selector] = []  # the selectors that ran in the current update
         self._kept = False  # whether a selection in force was kept in the current update
 
@@ -67,9 +79,14 @@ class SelectDriver(Driver[Selector]):
         payload: dict[str, Any] = {}
         self._ran = []
         self._kept = False
+        window_end = None
         if self.within_domains:
-            chosen, quotas = self._select_within_domains(update, step, first, last, model_ops)
+            chosen, quotas, windows = self._select_within_domains(update, step, first, last, model_ops)
             payload["quotas"] = dict(zip(self.run.domain_names, (int(q) for q in quotas), strict=True))
+            if windows is not None:  # streamed: each domain's window, as [first stream row, rows]
+                spans = zip(self.run.domain_names, windows.T, strict=True)
+                payload["windows"] = {n: [int(a), int(b - a)] for n, (a, b) in spans}
+                window_end = windows[1]
         else:
             pool = self.run.domains
             ctx = self._context(
@@ -87,11 +104,15 @@ class SelectDriver(Driver[Selector]):
             chosen = picked if picked is not None else self._in_force(first)
         chosen = dist.broadcast_object(chosen)
         assert self.run.sampler is not None
-        if chosen is not None:
+        if chosen is not None and isinstance(self.run.sampler, MixtureSampler):
+            self.run.sampler.add_selection(first, chosen, window_end)
+        elif chosen is not None:
             self.run.sampler.add_selection(first, chosen)
+        elif self.run.streamed:  # nothing to select by: the streams continue in their order
+            chosen = np.zeros(0, dtype=np.int64)
         else:  # nothing to select by, and no selection yet: the whole pool stays in force
             chosen = np.arange(len(self.run.domains))
-        counts = np.bincount(self.run.domains[chosen], minlength=self.run.num_domains)
+        counts = np.bincount(self.run.domain_of(chosen), minlength=self.run.num_domains)
         reports: dict[str, int | float] = {}
         for selector in self._ran:  # selectors that did not run this update would repeat old numbers
             for key, value in selector.report().items():
@@ -134,15 +155,25 @@ class SelectDriver(Driver[Selector]):
 
     def _select_within_domains(
         self, update: int, step: int, first: int, last: int, ops: ModelOperations
-    ) -> tuple[np.ndarray | None, np.ndarray]:
+    ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None]:
+        """(chosen pool indices or None, each domain's quota, and with streams each domain's
+        candidate window as ``[[first rows], [ends]]``, shape (2, K))."""
         sampler = self.run.sampler
         assert isinstance(sampler, MixtureSampler)
         quotas = sum((sampler.domain_counts(s) for s in range(first, last + 1)), np.zeros(self.run.num_domains, int))
         previous = self._in_force(first)
+        pools, windows = self.members, None
+        if self.run.streamed:
+            start = sampler.stream_position(first)
+            rows = np.array([math.ceil(round(q * self.window_ratio, 9)) if q else 0 for q in quotas], dtype=np.int64)
+            windows = np.stack([start, start + rows])
+            pools = [encode(np.full(n, d), start[d] + np.arange(n), self.run.num_domains) for d, n in enumerate(rows)]
         parts = []
-        for d, (members, selector) in enumerate(zip(self.members, self.selectors, strict=True)):
+        for d, (members, selector) in enumerate(zip(pools, self.selectors, strict=True)):
             if quotas[d] == 0 or len(members) == 0:
                 continue
+            if self.run.streamed:
+                selector.reset_pool()
             domain_ops = ops.subset(torch.from_numpy(members)) if selector.needs_model else ops
             ctx = self._context(
                 update,
@@ -158,11 +189,22 @@ class SelectDriver(Driver[Selector]):
             picked = self._run(selector, ctx, len(members))
             if picked is not None:
                 parts.append(members[picked])
+            elif windows is not None:  # streams: the window's rows stay in the stream, served in order
+                windows[1, d] = windows[0, d]
             elif previous is not None:  # domain d's part of the selection in force
                 parts.append(previous[self.run.domains[previous] == d])
         # No part at all: nothing selected of any domain, so every domain is drawn whole.
         chosen = np.concatenate(parts) if parts and sum(len(p) for p in parts) else None
-        return chosen, quotas
+        return chosen, quotas, windows
+
+    def stream_rows(self) -> int:
+        """Rows of one stream to keep after they are read, with candidate windows: every
+        window decided and not yet trained (the one in training, and those read ``lag`` steps
+        ahead), each at most an update's rows times the ratio, plus the update's rows taken
+        in stream order by a domain with no window."""
+        update_rows = self.run.global_batch * self.schedule.update_every
+        in_flight = 2 + self.schedule.lag // self.schedule.update_every
+        return in_flight * math.ceil(round(update_rows * (self.window_ratio + 1), 9))
 
     def _context(
         self,

@@ -243,7 +243,7 @@ class SteeringMixin:
             stream_steps=args_.max_steps if streamed else None,
         )
         if isinstance(raw, StreamedDomains):
-            raw.hold_steps_of(global_batch)
+            raw.hold_rows(self.steering.stream_rows)
         if self.steering.needs_sample_losses and getattr(args_, "use_liger_kernel", False):
             raise ConfigError(
                 f"use_liger_kernel: its fused loss returns no logits, and {config.describe()} needs per-sample "

@@ -75,6 +75,10 @@ def candidate_count(selected: int, fraction: float) -> int:
     return math.ceil(round(selected / fraction, 9))
 
 
+#: Candidate rows per selected row in a streamed run's windows, for selectors without their own ratio.
+DEFAULT_WINDOW_RATIO = 4.0
+
+
 class PoolPasses:
     """Candidate batches as successive slices of shuffled passes over the pool.
 
@@ -149,6 +153,20 @@ class Selector(Algorithm[Any]):
         """Raise a ConfigError if this selector cannot choose within one domain's samples
         (e.g. it reads files prepared for the whole pool). Called when a run composes it
         with a mixer, before any model loads."""
+
+    def check_streams(self) -> None:
+        """Raise a ConfigError if this selector cannot choose from candidate windows of
+        streamed domains, where each update's pool is rows it has never seen (e.g. it
+        compares a sample with its own earlier score). Called before any model loads."""
+
+    def reset_pool(self) -> None:
+        """Forget what is tied to the previous pool's indices: with streamed domains each
+        update's pool is a new candidate window, renumbered from 0."""
+
+    def window_ratio(self) -> float:
+        """Candidate rows per selected row that a streamed run's windows hold, unless the run
+        sets ``stream_window``."""
+        return DEFAULT_WINDOW_RATIO
 
     @abstractmethod
     def select(self, ctx: SelectContext) -> torch.Tensor:

@@ -140,6 +140,12 @@ class ClusterLessSelector(Selector):
     """
 
     Params = ClusterLessParams
+
+    def check_streams(self) -> None:
+        raise ConfigError(
+            "datasteer.select: cluster_less cannot choose from streamed domains: it clusters the whole pool once, and a stream is never held whole; give a map-style training set (streaming: false)"
+        )
+
     needs_model = True
 
     def __init__(self, params: ClusterLessParams) -> None:

@@ -49,8 +49,8 @@ class CustomSelector(Plugin, Selector):
     """A user's own Selector subclass, loaded from the module or file named by its path.
 
     The drivers run the user's instance itself; ``select``, ``check_within_domains``,
-    ``prepare_model``, ``state_dict`` / ``load_state_dict`` and ``needs_model`` are delegated
-    for callers that hold this wrapper. See ``examples/custom_selector.py``.
+    ``check_streams``, ``reset_pool``, ``window_ratio``, ``prepare_model``, ``state_dict`` /
+    ``load_state_dict`` and ``needs_model`` are delegated for callers that hold this wrapper. See ``examples/custom_selector.py``.
     """
 
     Params = CustomParams
@@ -58,6 +58,15 @@ class CustomSelector(Plugin, Selector):
 
     def check_within_domains(self) -> None:
         self.inner.check_within_domains()
+
+    def check_streams(self) -> None:
+        self.inner.check_streams()
+
+    def reset_pool(self) -> None:
+        self.inner.reset_pool()
+
+    def window_ratio(self) -> float:
+        return self.inner.window_ratio()
 
     def select(self, ctx: SelectContext) -> torch.Tensor:
         return self.inner.select(ctx)

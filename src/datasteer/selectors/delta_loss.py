@@ -70,6 +70,12 @@ class DeltaLossSelector(Selector):
     """
 
     Params = DeltaLossParams
+
+    def check_streams(self) -> None:
+        raise ConfigError(
+            "datasteer.select: delta_loss cannot choose from streamed domains: it compares each sample's loss with its loss at warm-up, and a stream's candidate windows are new rows at every update; give a map-style training set (streaming: false)"
+        )
+
     needs_model = True
 
     def __init__(self, params: DeltaLossParams) -> None:

@@ -209,6 +209,13 @@ class GreatsSelector(Selector):
             raise ConfigError("greats: the live optimizer is unknown; give params.learning_rate")
         return float(ops.optimizer.param_groups[0]["lr"])
 
+    def window_ratio(self) -> float:
+        """A streamed run's windows hold one candidate batch: ``1 / fraction`` rows per selected row."""
+        return 1.0 / self.params.fraction
+
+    def reset_pool(self) -> None:
+        self.passes = PoolPasses()
+
     def state_dict(self) -> dict[str, Any]:
         return {"passes": self.passes.state_dict()}
 

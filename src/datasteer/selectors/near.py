@@ -84,6 +84,12 @@ class NearSelector(Selector):
         self.used: torch.Tensor | None = None  # (pool,) bool
         self._report: dict[str, int | float] = {}
 
+    def check_streams(self) -> None:
+        self.check_within_domains()
+
+    def reset_pool(self) -> None:
+        self.neighbours, self.cursor, self.used = None, 0, None
+
     def report(self) -> dict[str, int | float]:
         """``nonfinite``: pool and target embeddings left out when the lists were (re)built at this update."""
         return dict(self._report)

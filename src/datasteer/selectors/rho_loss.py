@@ -139,6 +139,14 @@ class RhoLossSelector(Selector, ComparesToReference):
             self.known[missing] = True
         return self.irreducible[candidates], len(missing)
 
+    def window_ratio(self) -> float:
+        """A streamed run's windows hold one candidate batch: ``1 / fraction`` rows per selected row."""
+        return 1.0 / self.params.fraction
+
+    def reset_pool(self) -> None:
+        self.irreducible = self.known = self.source = None
+        self.passes = PoolPasses()
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "irreducible": self.irreducible,

@@ -191,6 +191,11 @@ class TsdsSelector(Selector):
             "within a mixer's domains; use it without a mix stage"
         )
 
+    def check_streams(self) -> None:
+        raise ConfigError(
+            "datasteer.select: tsds cannot choose from streamed domains: it draws from probabilities prepared over the whole pool, and a stream is never held whole; give a map-style training set (streaming: false)"
+        )
+
     # The model is not run: the pool and target rows are read to check the fingerprint.
     needs_model = True
 
