@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from tests.fakes import FakeOps
 
 from datasteer.config import load_steering
 from datasteer.controller import SteeringController
@@ -21,6 +20,7 @@ from datasteer.errors import ConfigError, SteeringStateError
 from datasteer.plan import build_plan
 from datasteer.samplers import MixtureSampler
 from datasteer.streams import decode, encode
+from tests.fakes import FakeOps
 
 HALF = np.array([0.5, 0.5])
 
