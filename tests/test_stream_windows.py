@@ -142,7 +142,8 @@ def test_each_update_keeps_the_best_rows_of_a_fresh_window_of_each_stream() -> N
     served, records = drive(controller(), ops, range(1, 9))
     selections = [r for r in records if r["paradigm"] == "select"]
     # warm-up: 2 steps x 2 rows of each stream; then windows of 3 x (2 steps x 2 rows) = 12 rows
-    assert [r["windows"] for r in selections] == [{"a": [4 + 12 * u, 12], "b": [4 + 12 * u, 12]} for u in range(3)]
+    assert [r["window_start"] for r in selections] == [{"a": 4 + 12 * u, "b": 4 + 12 * u} for u in range(3)]
+    assert all(r["window_rows"] == {"a": 12, "b": 12} for r in selections)
     assert [r["first_step"] for r in selections] == [3, 5, 7]
     for d in (0, 1):
         assert rows_of(np.concatenate([served[1], served[2]]), d) == [0, 1, 2, 3]
@@ -159,7 +160,7 @@ def test_a_domain_whose_selector_finds_nothing_takes_its_window_in_stream_order(
     served, records = drive(controller(), FakeOps(losses=losses, reference_losses=torch.zeros(200)), range(1, 9))
     assert all(r.get("kept") for r in records if r["paradigm"] == "select")
     assert rows_of(np.concatenate(list(served.values())), 1) == list(range(16))  # b: its stream, in order
-    assert records[1]["windows"]["b"] == [4, 0]  # nothing taken out of b's stream
+    assert records[1]["window_start"]["b"] == 4 and records[1]["window_rows"]["b"] == 0  # nothing taken out of b
     assert rows_of(np.concatenate([served[3], served[4]]), 0) == top_losses(0, 4, 12, 4)
 
 

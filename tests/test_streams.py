@@ -51,6 +51,15 @@ def test_an_index_names_a_domain_and_a_position_in_its_stream() -> None:
     assert back[0].tolist() == domains.tolist() and back[1].tolist() == positions.tolist()
 
 
+def test_a_resume_past_the_end_of_a_short_stream_finds_the_row_it_wrapped_to() -> None:
+    # A resumed run's first row of a 5-row stream can be position 7 (row 2): a skip to 7
+    # finds nothing, which says the stream is shorter, not that it has 7 rows.
+    source = Skipping(5)
+    streams = StreamedDomains({"a": source})
+    assert [streams[7], streams[8], streams[13]] == [2, 3, 3]
+    assert streams.lengths() == [5] and source.skips[0] == 7
+
+
 def test_a_stream_is_read_forward_once_and_starts_over_at_its_end() -> None:
     a, b = Counting(5), Counting(3)
     streams = StreamedDomains({"a": a, "b": b}, keep=2)

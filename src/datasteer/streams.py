@@ -99,6 +99,7 @@ class _Cursor:
         self._iterator: Iterator[Any] | None = None
         self._owner = 0  # the process that opened the iterator
         self._next = 0  # stream row the iterator yields next
+        self._opened_at = 0  # the row the iterator was opened at
         self._recent: OrderedDict[int, Any] = OrderedDict()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -113,6 +114,7 @@ class _Cursor:
             self._iterator, self._next = iter(skip(row)), row
         else:
             self._iterator, self._next = iter(self.source), 0
+        self._opened_at = self._next
 
     def row(self, position: int) -> Any:
         """The stream's row at ``position``."""
@@ -128,6 +130,11 @@ class _Cursor:
             try:
                 value = next(self._iterator)
             except StopIteration:
+                if self._next == self._opened_at > 0:
+                    # Skipped past the end of a stream of unknown length (a resume after it
+                    # started over): read it from its start to learn where it ends.
+                    self._restart(0)
+                    continue
                 if self._next == 0:
                     raise ConfigError(f"stream of domain {self.name!r} has no rows") from None
                 self.length = self._next

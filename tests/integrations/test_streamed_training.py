@@ -3,6 +3,7 @@ stream in order, and a resume continues every stream where it stopped."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,11 @@ from datasteer.streams import decode
 
 ODM = {"paradigm": "mix", "algorithm": "odm", "update_every": 1}
 COMPOSED = {"mix": {"algorithm": "random", "update_every": 2}, "weight": {"algorithm": "loss"}, "seed": 5}
+SELECT = {
+    "mix": {"algorithm": "static"},
+    "select": {"algorithm": "loss", "warmup_steps": 1, "update_every": 2, "stream_window": 3},
+    "seed": 5,
+}
 
 
 def trained_positions(served: dict[int, list[int]]) -> dict[int, list[int]]:
@@ -45,13 +51,32 @@ def test_a_stream_shorter_than_the_run_starts_over(tmp_path: Path) -> None:
     assert streams.lengths() == [3, 3, 3]
 
 
-@pytest.mark.parametrize("steering", [ODM, COMPOSED], ids=["odm", "random+loss weights"])
+def test_a_selector_on_streams_trains_rows_of_its_candidate_windows(tmp_path: Path) -> None:
+    trainer = run(tmp_path / "out", SELECT, max_steps=7, dataset=make_streams(tmp_path / "streams"))
+    served = trainer.served()
+    selections = [r for r in steering_records(tmp_path / "out" / "steering.jsonl") if r["paradigm"] == "select"]
+    assert [r["first_step"] for r in selections] == [2, 4, 6]
+    for record in selections:
+        steps = range(record["first_step"], record["last_step"] + 1)
+        domains, rows = decode(np.concatenate([served[s] for s in steps]), 3)
+        for d, name in enumerate(("alpha", "beta", "gamma")):
+            start, size = record["window_start"][name], record["window_rows"][name]
+            assert size == 3 * record["quotas"][name]  # stream_window: 3
+            assert ((rows[domains == d] >= start) & (rows[domains == d] < start + size)).all()
+    # the windows follow each other: every stream continues after its previous window
+    for before, after in itertools.pairwise(selections):
+        ends = {n: before["window_start"][n] + before["window_rows"][n] for n in before["window_start"]}
+        assert after["window_start"] == ends
+
+
+@pytest.mark.parametrize("steering", [ODM, COMPOSED, SELECT], ids=["odm", "random+loss weights", "static+loss select"])
 def test_a_streamed_resume_matches_an_uninterrupted_run(tmp_path: Path, steering: dict[str, Any]) -> None:
     full = run(tmp_path / "full", steering, max_steps=9, save_steps=4, dataset=make_streams(tmp_path / "s1"))
     part = tmp_path / "part"
     run(part, steering, max_steps=9, save_steps=4, callbacks=[StopAt(6)], dataset=make_streams(tmp_path / "s2"))
     state = torch.load(part / "checkpoint-4" / "steering_state.pt", weights_only=False)
-    assert int(state["sampler"]["stream_positions"].sum()) == 4 * 8  # the rows read from each stream by step 4
+    if steering is not SELECT:
+        assert int(state["sampler"]["stream_positions"].sum()) == 4 * 8  # the rows read from each stream by step 4
     resumed = run(
         part,
         steering,

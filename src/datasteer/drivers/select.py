@@ -83,9 +83,11 @@ class SelectDriver(Driver[Selector]):
         if self.within_domains:
             chosen, quotas, windows = self._select_within_domains(update, step, first, last, model_ops)
             payload["quotas"] = dict(zip(self.run.domain_names, (int(q) for q in quotas), strict=True))
-            if windows is not None:  # streamed: each domain's window, as [first stream row, rows]
-                spans = zip(self.run.domain_names, windows.T, strict=True)
-                payload["windows"] = {n: [int(a), int(b - a)] for n, (a, b) in spans}
+            if windows is not None:  # streamed: each domain's candidate window
+                payload["window_start"] = dict(zip(self.run.domain_names, map(int, windows[0]), strict=True))
+                payload["window_rows"] = dict(
+                    zip(self.run.domain_names, map(int, windows[1] - windows[0]), strict=True)
+                )
                 window_end = windows[1]
         else:
             pool = self.run.domains
