@@ -11,10 +11,16 @@ controller's per-batch bookkeeping and per-step decisions. It draws ``rows / 64`
 of 64 rows: as many rows as the corpus holds. The child reports its peak RSS
 (``ru_maxrss``) and rows per second.
 
+With ``--select``, a selector chooses from candidate windows of the streams as well (a
+``random`` selector over windows of 4 x the rows each domain's share needs, every 10
+steps): each window is read and the chosen quarter trained, the rest skipped, so the run
+takes ``rows / 256`` steps to stream the corpus once, and each stream keeps the rows its
+windows need in flight (:attr:`SteeringController.stream_rows`).
+
 The sizes run interleaved and repeated (the machine is shared); the table gives the median
 of each size and its ratio to the smallest.
 
-Run: ``PYTHONPATH=src .venv/bin/python benchmarks/stream_memory.py [--sizes 10000 100000 1000000]``.
+Run: ``PYTHONPATH=src .venv/bin/python benchmarks/stream_memory.py [--sizes 10000 100000 1000000] [--select]``.
 The last line is ``RESULT stream_rss_growth=<peak RSS ratio, largest/smallest corpus> ...``.
 """
 
@@ -61,7 +67,12 @@ def generate(root: Path, rows: int) -> Path:
     return folder
 
 
-def child(folder: Path, rows: int) -> dict[str, Any]:
+#: The mixer alone, or with a selector choosing from candidate windows of 4 x the rows needed.
+MIX = {"mix": {"algorithm": "random", "update_every": 50}, "seed": 1}
+SELECT = {**MIX, "select": {"algorithm": "random", "update_every": 10, "stream_window": 4}}
+
+
+def child(folder: Path, rows: int, select: bool) -> dict[str, Any]:
     """Stream the corpus once through the steered data path; peak RSS and rows/s."""
     import numpy as np
     import torch
@@ -80,11 +91,12 @@ def child(folder: Path, rows: int) -> dict[str, Any]:
         return dict(tokenizer(row["text"], truncation=True, max_length=MAX_TOKENS))
 
     streams = StreamedDomains.from_paths({d: folder / d for d in DOMAINS}, transform=tokenize)
-    steps = rows // BATCH
-    plan = build_plan({"paradigm": "mix", "algorithm": "random", "update_every": 50, "seed": 1})
+    steps = rows // (BATCH * (4 if select else 1))  # the whole corpus read once
+    plan = build_plan(SELECT if select else MIX)
     ctl = SteeringController(
         plan, domains=None, domain_names=DOMAINS, global_batch=BATCH, seed=1, lag=1, stream_steps=steps
     )
+    streams.hold_rows(ctl.stream_rows)  # as a steered Trainer does
     ctl.begin(steps)
     assert ctl.sampler is not None
     loader = torch.utils.data.DataLoader(
@@ -94,22 +106,23 @@ def child(folder: Path, rows: int) -> dict[str, Any]:
     )
     start = time.perf_counter()
     batches = iter(loader)
-    read = 0
+    trained = 0
     trace = []  # peak RSS (MiB) after each tenth of the steps
     for step in range(1, steps + 1):
         if step % max(1, steps // 10) == 0:
             trace.append(round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
         batch = next(batches)
-        read += len(batch[INDEX_KEY])
+        trained += len(batch[INDEX_KEY])
         ctl.observe(batch[INDEX_KEY])
         ctl.step_end(step)
     seconds = time.perf_counter() - start
     state = ctl.sampler.state_dict(steps)
     return {
         "rows": rows,
-        "read": read,
+        "trained": trained,
+        "kept_per_stream": ctl.stream_rows,
         "seconds": seconds,
-        "rows_per_s": read / seconds,
+        "rows_per_s": int(np.sum(state["stream_positions"].numpy())) / seconds,  # rows read from the streams
         "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "positions": np.asarray(state["stream_positions"]).tolist(),
         "peak_trace_mib": trace,
@@ -121,10 +134,11 @@ def main() -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--data-dir", type=Path, default=Path("outputs/bench/stream_memory"))
+    parser.add_argument("--select", action="store_true", help="also select from candidate windows")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        print(json.dumps(child(generate(args.data_dir, args.child), args.child)))
+        print(json.dumps(child(generate(args.data_dir, args.child), args.child, args.select)))
         return 0
     for rows in args.sizes:
         print(f"corpus of {rows} rows: {generate(args.data_dir, rows)}", flush=True)
@@ -132,6 +146,7 @@ def main() -> int:
     for repeat in range(args.repeats):
         for rows in args.sizes:
             cmd = [sys.executable, __file__, "--child", str(rows), "--data-dir", str(args.data_dir)]
+            cmd += ["--select"] if args.select else []
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             results[rows].append(json.loads(out))
             r = results[rows][-1]
@@ -141,13 +156,14 @@ def main() -> int:
                 flush=True,
             )
     base = statistics.median(r["peak_mib"] for r in results[args.sizes[0]])
-    print(f"\n{'rows':>9}  {'read':>9}  {'rows/s':>8}  {'peak MiB':>9}  {'vs smallest':>11}")
+    print(f"\n{'rows':>9}  {'trained':>9}  {'read/s':>8}  {'peak MiB':>9}  {'vs smallest':>11}")
     for rows in args.sizes:
         peak = statistics.median(r["peak_mib"] for r in results[rows])
         speed = statistics.median(r["rows_per_s"] for r in results[rows])
-        print(f"{rows:>9}  {results[rows][0]['read']:>9}  {speed:>8.0f}  {peak:>9.1f}  {peak / base:>10.3f}x")
+        print(f"{rows:>9}  {results[rows][0]['trained']:>9}  {speed:>8.0f}  {peak:>9.1f}  {peak / base:>10.3f}x")
     largest = statistics.median(r["peak_mib"] for r in results[args.sizes[-1]])
-    print(f"RESULT stream_rss_growth={largest / base:.3f} sizes={'/'.join(map(str, args.sizes))}")
+    kind = "select" if args.select else "mix"
+    print(f"RESULT stream_rss_growth={largest / base:.3f} sizes={'/'.join(map(str, args.sizes))} steering={kind}")
     return 0
 
 

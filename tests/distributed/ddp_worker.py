@@ -88,6 +88,12 @@ STEERING = {
     },
     # a mixture of streamed domains (tests.factories.make_streams), with loss weights
     "stream": {"mix": {"algorithm": "random", "update_every": 2}, "weight": {"algorithm": "loss"}, "seed": 9},
+    # ... and a selector choosing from candidate windows of the streams
+    "stream_select": {
+        "mix": {"algorithm": "random", "update_every": 2},
+        "select": {"algorithm": "loss", "warmup_steps": 1, "update_every": 3, "stream_window": 3},
+        "seed": 9,
+    },
     "near": {"paradigm": "select", "algorithm": "near", "warmup_steps": 1, "update_every": 3, "seed": 9},
     "cluster_less": {
         "paradigm": "select",
@@ -190,7 +196,7 @@ def main() -> tuple[Path, dict[str, Any]]:
     trainer = Recording(
         model=make_model(),
         args=args,
-        train_dataset=make_streams(Path(tempfile.mkdtemp())) if paradigm == "stream" else make_dataset(),
+        train_dataset=make_streams(Path(tempfile.mkdtemp())) if paradigm.startswith("stream") else make_dataset(),
         eval_dataset=evals,
         data_collator=default_data_collator,
         steering=STEERING[paradigm],

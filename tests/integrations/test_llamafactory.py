@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from collections.abc import Iterator
@@ -136,6 +137,28 @@ def test_the_streaming_example_resumes_after_a_kill_as_if_uninterrupted(tmp_path
     state = torch.load(tmp_path / "full" / "checkpoint-3" / STATE_FILE, weights_only=False)
     sampler = state["sampler"]
     assert int(sampler["stream_positions"].sum()) == 3 * sampler["global_batch"]  # rows read from the streams by step 3
+
+
+@pytest.mark.slow
+def test_the_streaming_selection_example_resumes_after_a_kill_as_if_uninterrupted(tmp_path: Path) -> None:
+    """ODM + loss selection from candidate windows of four streams: checkpoint-3 holds the
+    stream positions after the windows and the selection in force, and the resumed run
+    (data loader workers forked after the windows were read) trains the same rows."""
+    overrides = ["max_steps=9", "save_steps=3", "logging_steps=1"]
+    schedule = ["datasteer.select.warmup_steps=1", "datasteer.select.update_every=3"]
+    records = check_resume_after_a_kill(
+        tmp_path, EXAMPLES / "compose_odm_select_loss_streaming.yaml", [*overrides, *schedule]
+    )
+    selections = [r for r in records if r["paradigm"] == "select"]
+    assert [r["first_step"] for r in selections] == [2, 5, 8]
+    for before, after in itertools.pairwise(selections):  # each window starts where the last ended
+        assert after["window_start"] == {
+            n: before["window_start"][n] + before["window_rows"][n] for n in before["window_start"]
+        }
+    state = torch.load(tmp_path / "full" / "checkpoint-3" / STATE_FILE, weights_only=False)
+    ends = {n: s + selections[0]["window_rows"][n] for n, s in selections[0]["window_start"].items()}
+    # (a domain whose share grew after the selection also takes its stream's next rows)
+    assert all(p >= e for p, e in zip(state["sampler"]["stream_positions"].tolist(), ends.values(), strict=True))
 
 
 @pytest.mark.slow
