@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import pickle
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -170,3 +172,17 @@ def test_streamed_domains_are_refused_where_they_cannot_work(
         SteeringController(
             build_plan(block), domains=None, domain_names=DOMAINS, global_batch=8, seed=0, lag=1, stream_steps=steps
         )
+
+
+def test_a_stream_opened_in_one_process_is_reopened_in_another(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A data loader worker forked after the parent read a candidate window must not read on
+    # from the parent's open iterator (its files' offsets are shared); a spawned worker gets
+    # the streams pickled, without the open iterator (a generator does not pickle).
+    source = Skipping(10)
+    streams = StreamedDomains({"a": source}, keep=2)
+    assert [streams[0], streams[1], streams[2]] == [0, 1, 2]
+    spawned = pickle.loads(pickle.dumps(streams))
+    assert spawned[3] == 3 and spawned.restarts() == [2]
+    monkeypatch.setattr(os, "getpid", lambda: -1)  # as if in a forked worker
+    assert streams[3] == 3 and streams.restarts() == [2] and source.skips[-1] == 3
+    assert streams[4] == 4 and streams.restarts() == [2]  # its own iterator now: read on

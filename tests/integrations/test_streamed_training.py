@@ -4,13 +4,14 @@ stream in order, and a resume continues every stream where it stopped."""
 from __future__ import annotations
 
 import itertools
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from tests.factories import make_streams, steering_records, without_seconds
+from tests.factories import make_dataset, make_sft_dataset, make_streams, steering_records, without_seconds
 from tests.integrations.test_hf_trainer import StopAt, run
 
 from datasteer.errors import ConfigError
@@ -51,22 +52,55 @@ def test_a_stream_shorter_than_the_run_starts_over(tmp_path: Path) -> None:
     assert streams.lengths() == [3, 3, 3]
 
 
-def test_a_selector_on_streams_trains_rows_of_its_candidate_windows(tmp_path: Path) -> None:
-    trainer = run(tmp_path / "out", SELECT, max_steps=7, dataset=make_streams(tmp_path / "streams"))
-    served = trainer.served()
-    selections = [r for r in steering_records(tmp_path / "out" / "steering.jsonl") if r["paradigm"] == "select"]
-    assert [r["first_step"] for r in selections] == [2, 4, 6]
+def check_windows(served: dict[int, list[int]], selections: list[dict[str, Any]], ratio: float) -> None:
+    """Each update's trained rows lie in its candidate windows, of ``ceil(ratio x quota)`` rows."""
     for record in selections:
         steps = range(record["first_step"], record["last_step"] + 1)
         domains, rows = decode(np.concatenate([served[s] for s in steps]), 3)
         for d, name in enumerate(("alpha", "beta", "gamma")):
             start, size = record["window_start"][name], record["window_rows"][name]
-            assert size == 3 * record["quotas"][name]  # stream_window: 3
+            assert size == math.ceil(ratio * record["quotas"][name])
             assert ((rows[domains == d] >= start) & (rows[domains == d] < start + size)).all()
     # the windows follow each other: every stream continues after its previous window
     for before, after in itertools.pairwise(selections):
         ends = {n: before["window_start"][n] + before["window_rows"][n] for n in before["window_start"]}
         assert after["window_start"] == ends
+
+
+def test_a_selector_on_streams_trains_rows_of_its_candidate_windows(tmp_path: Path) -> None:
+    trainer = run(tmp_path / "out", SELECT, max_steps=7, dataset=make_streams(tmp_path / "streams"))
+    selections = [r for r in steering_records(tmp_path / "out" / "steering.jsonl") if r["paradigm"] == "select"]
+    assert [r["first_step"] for r in selections] == [2, 4, 6]
+    check_windows(trainer.served(), selections, 3.0)  # stream_window: 3
+
+
+#: Selectors that read the model (and target sets) on streams, each with small settings, and
+#: the window ratio it gets (its own for greats: 1 / fraction).
+MODEL_SELECTORS = {
+    "random": ({}, 4.0),
+    "less": ({"proj_dim": 256}, 4.0),
+    "greats": ({"fraction": 0.5, "targets": 4, "proj_dim": 256}, 2.0),
+    "near": ({"neighbours": 8}, 4.0),
+    "nice": ({"proj_dim": 256, "mc_samples": 2, "max_new_tokens": 4, "reward": "token_f1"}, 4.0),
+}
+
+
+@pytest.mark.parametrize("algorithm", list(MODEL_SELECTORS))
+def test_model_reading_selectors_choose_from_the_windows(tmp_path: Path, algorithm: str) -> None:
+    params, ratio = MODEL_SELECTORS[algorithm]
+    steering = {
+        "mix": {"algorithm": "static"},
+        "select": {"algorithm": algorithm, "warmup_steps": 1, "update_every": 2, "params": params},
+        "seed": 5,
+    }
+    targets = make_sft_dataset(sizes=(0, 0, 5), seed=1) if algorithm == "nice" else make_dataset((0, 0, 6), seed=1)
+    out = tmp_path / "out"
+    trainer = run(
+        out, steering, max_steps=5, dataset=make_streams(tmp_path / "s"), eval_dataset=targets.remove_columns("domain")
+    )
+    selections = [r for r in steering_records(out / "steering.jsonl") if r["paradigm"] == "select"]
+    assert [r["first_step"] for r in selections] == [2, 4] and not any(r.get("kept") for r in selections)
+    check_windows(trainer.served(), selections, ratio)
 
 
 @pytest.mark.parametrize("steering", [ODM, COMPOSED, SELECT], ids=["odm", "random+loss weights", "static+loss select"])
