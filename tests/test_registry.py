@@ -121,6 +121,23 @@ def test_builds_with_default_params(spec: AlgorithmSpec) -> None:
     assert isinstance(algorithm.params, spec.params_cls)
 
 
+#: Selectors run on streamed domains by a test (tests/test_stream_windows.py and
+#: tests/integrations/test_streamed_training.py); every other selector must refuse streams.
+STREAMED_SELECTORS = {"random", "loss", "less", "greats", "near", "nice", "rho_loss", "custom"}
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.paradigm == "select"], ids=spec_id)
+def test_every_selector_refuses_streams_or_is_tested_on_them(spec: AlgorithmSpec) -> None:
+    selector = build(spec)
+    assert isinstance(selector, Selector)
+    if spec.name in STREAMED_SELECTORS:
+        selector.check_streams()
+        assert selector.window_ratio() >= 1
+    else:
+        with pytest.raises(ConfigError, match=f"{spec.name} cannot choose from streamed domains"):
+            selector.check_streams()
+
+
 def through_checkpoint(state: dict[str, Any]) -> dict[str, Any]:
     """``state`` saved and read back as a checkpoint does (``torch.save``, ``weights_only`` load)."""
     buffer = io.BytesIO()
