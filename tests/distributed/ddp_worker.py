@@ -167,8 +167,9 @@ def leave() -> None:
     alive can abort ("terminate called without an active exception"). Destroying the group
     is not enough while a DDP-wrapped model (the Trainer's) still holds it: the group is
     then freed during interpreter teardown, and a 2-rank aioli run aborted that way in CI.
-    So the caller drops its trainer first, and the cycles that keep it alive are collected
-    here before the group is destroyed.
+    So the caller drops its trainer, model or engine first (each worker's ``main`` returns
+    what it writes), and the cycles that keep them alive are collected here before the
+    group is destroyed.
     """
     gc.collect()
     if dist.is_initialized():

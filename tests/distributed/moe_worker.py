@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,7 +22,7 @@ from datasteer.hf import SteeringTrainer
 from datasteer.mixers.dynamic_moe import DynamicMoEMixer
 
 
-def main() -> None:
+def main() -> tuple[Path, dict[str, Any]]:
     out, source = Path(sys.argv[1]), sys.argv[2]
     args = worker_args(out, per_device_eval_batch_size=3)
     evals = None
@@ -58,8 +59,8 @@ def main() -> None:
         "held_out": mixer.held_out.tolist() if mixer.held_out is not None else None,
         "router": trainer.model.model.layers[0].mlp.gate.weight.requires_grad,
     }
-    finish(out, record)
+    return out, record
 
 
 if __name__ == "__main__":
-    main()
+    finish(*main())  # the trainer is released when main returns, before the group is destroyed

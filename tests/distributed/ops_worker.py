@@ -22,7 +22,7 @@ from transformers import default_data_collator
 from datasteer.ops import GradFeatureConfig, ModelOps
 
 
-def main() -> None:
+def main() -> tuple[dict[str, torch.Tensor], str]:
     if "WORLD_SIZE" in os.environ:
         dist.init_process_group("gloo")
     model = make_model()
@@ -35,9 +35,9 @@ def main() -> None:
         "logra": ops.gradient_features(indices, GradFeatureConfig(method="logra", proj_dim=64)),
     }
     rank = dist.get_rank() if dist.is_initialized() else 0
-    torch.save(result, f"{sys.argv[1]}.rank{rank}")
-    leave()
+    return result, f"{sys.argv[1]}.rank{rank}"
 
 
 if __name__ == "__main__":
-    main()
+    torch.save(*main())  # the model is released when main returns, before the group is destroyed
+    leave()

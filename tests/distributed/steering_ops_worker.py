@@ -163,12 +163,14 @@ def run_nice(engine: str) -> dict[str, Any]:
     return result
 
 
-def main() -> None:
+def main() -> tuple[dict[str, Any], str]:
     out, engine, task = sys.argv[1], sys.argv[2], sys.argv[3]
     result = run_moe(engine) if task == "moe" else run_nice(engine)
-    torch.save(result, f"{out}.rank{dist.rank()}")
-    leave()
+    return result, f"{out}.rank{dist.rank()}"
 
 
 if __name__ == "__main__":
-    main()
+    # The model is released when main returns, before the group is destroyed; a ZeRO-3 engine
+    # is not: DeepSpeed keeps its model in parameter_offload.FWD_MODULE_STACK for good.
+    torch.save(*main())
+    leave()

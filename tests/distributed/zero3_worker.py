@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -79,7 +80,7 @@ def run_ops(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) ->
     return result
 
 
-def run_fsdp2(model: nn.Module, out: str) -> None:
+def run_fsdp2(model: nn.Module) -> dict[str, Any]:
     torch.distributed.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
     for layer in model.get_decoder().layers:
@@ -103,23 +104,20 @@ def run_fsdp2(model: nn.Module, out: str) -> None:
         torch.equal(whole(p), full[n]) for n, p in model.named_parameters() if p.requires_grad
     )
     result["checks"] = checks  # type: ignore[assignment]
-    torch.save(result, f"{out}.rank{torch.distributed.get_rank()}")
-    leave()
+    return result
 
 
 def whole(p: torch.Tensor) -> torch.Tensor:
     return p.full_tensor() if isinstance(p, DTensor) else p.detach()
 
 
-def main() -> None:
+def main() -> tuple[dict[str, Any], str]:
     out, mode, lora = sys.argv[1], sys.argv[2], "lora" in sys.argv[3:]
     model = build(lora)
     if mode == "plain":
-        torch.save(run_ops(model), f"{out}.rank0")
-        return
+        return run_ops(model), f"{out}.rank0"
     if mode == "fsdp2":
-        run_fsdp2(model, out)
-        return
+        return run_fsdp2(model), f"{out}.rank{torch.distributed.get_rank()}"
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")
@@ -149,9 +147,11 @@ def main() -> None:
         torch.equal(p.ds_tensor, shards[n]) for n, p in module.named_parameters() if p.requires_grad
     )
     result["checks"] = checks  # type: ignore[assignment]
-    torch.save(result, f"{out}.rank{torch.distributed.get_rank()}")
-    leave()
+    return result, f"{out}.rank{torch.distributed.get_rank()}"
 
 
 if __name__ == "__main__":
-    main()
+    # The model is released when main returns, before the group is destroyed; a ZeRO-3 engine
+    # is not: DeepSpeed keeps its model in parameter_offload.FWD_MODULE_STACK for good.
+    torch.save(*main())
+    leave()
