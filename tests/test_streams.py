@@ -186,3 +186,14 @@ def test_a_stream_opened_in_one_process_is_reopened_in_another(monkeypatch: pyte
     monkeypatch.setattr(os, "getpid", lambda: -1)  # as if in a forked worker
     assert streams[3] == 3 and streams.restarts() == [2] and source.skips[-1] == 3
     assert streams[4] == 4 and streams.restarts() == [2]  # its own iterator now: read on
+
+
+def test_kept_rows_come_back_as_they_were_read() -> None:
+    rows = [{"input_ids": [5, 2**40, -100], "text": "a", "mask": [], "scores": [0.5, 1]} for _ in range(3)]
+    streams = StreamedDomains({"a": rows}, keep=4)
+    first = streams[0]
+    assert first == rows[0] and type(first["input_ids"][1]) is int
+    again = streams[0]  # from the kept rows (packed): equal, and a fresh copy
+    assert again == rows[0] and again is not first and again["input_ids"] is not first["input_ids"]
+    again["input_ids"].append(7)
+    assert streams[0] == rows[0]
