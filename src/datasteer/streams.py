@@ -109,7 +109,7 @@ class _Ints:
         self.values = np.asarray(values, dtype=np.int64)
 
 
-class _Packed(dict):  # type: ignore[type-arg]
+class _Packed(dict[str, Any]):
     """A dict row whose int lists are :class:`_Ints`."""
 
 
