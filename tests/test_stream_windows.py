@@ -203,3 +203,14 @@ def test_stream_window_is_refused_where_there_are_no_streams() -> None:
         load_steering({"mix": {"algorithm": "static", "stream_window": 2}})
     with pytest.raises(ConfigError, match=">= 1"):
         load_steering({**BLOCK, "select": {**BLOCK["select"], "stream_window": 0.5}})
+
+
+def test_each_stream_keeps_the_rows_of_the_windows_in_flight() -> None:
+    # windows of 3 x (4 rows x 2 steps) = 24 rows; with lag 1 the next window is read while
+    # the current one trains (2 in flight), plus a step's rows: 2 x 24 + 4
+    assert controller().stream_rows == 52
+    plan = build_plan(load_steering(BLOCK))
+    late = SteeringController(
+        plan, domains=None, domain_names=("a", "b"), global_batch=4, seed=5, lag=5, stream_steps=8
+    )
+    assert late.stream_rows == (2 + 5 // 2) * 24 + 4  # decided 5 steps ahead: 2 more windows in flight

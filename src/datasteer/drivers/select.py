@@ -201,12 +201,12 @@ class SelectDriver(Driver[Selector]):
 
     def stream_rows(self) -> int:
         """Rows of one stream to keep after they are read, with candidate windows: every
-        window decided and not yet trained (the one in training, and those read ``lag`` steps
-        ahead), each at most an update's rows times the ratio, plus the update's rows taken
-        in stream order by a domain with no window."""
-        update_rows = self.run.global_batch * self.schedule.update_every
+        window decided and not yet trained (the one in training, and those read ``lag``
+        steps ahead), each at most ``ratio`` x an update's rows, plus a step's rows (served
+        shuffled). A domain without a window takes fewer rows in stream order meanwhile."""
+        window = math.ceil(round(self.run.global_batch * self.schedule.update_every * self.window_ratio, 9))
         in_flight = 2 + self.schedule.lag // self.schedule.update_every
-        return in_flight * math.ceil(round(update_rows * (self.window_ratio + 1), 9))
+        return in_flight * window + self.run.global_batch
 
     def _context(
         self,
