@@ -197,3 +197,18 @@ def test_kept_rows_come_back_as_they_were_read() -> None:
     assert again == rows[0] and again is not first and again["input_ids"] is not first["input_ids"]
     again["input_ids"].append(7)
     assert streams[0] == rows[0]
+
+
+def test_a_transform_runs_once_and_only_on_the_rows_asked_for() -> None:
+    # Another rank's rows, and the rows of a candidate window a selection skips, are read
+    # past without being transformed (tokenized).
+    seen: list[int] = []
+
+    def tokenize(row: dict[str, Any]) -> dict[str, Any]:
+        seen.append(row["i"])
+        return {"input_ids": [row["i"]] * 2}
+
+    streams = StreamedDomains({"a": [{"i": i} for i in range(10)]}, transform=tokenize)
+    assert [streams[0], streams[5], streams[5]] == [{"input_ids": [0, 0]}, {"input_ids": [5, 5]}, {"input_ids": [5, 5]}]
+    assert streams[3] == {"input_ids": [3, 3]}  # read past earlier, transformed now
+    assert seen == [0, 5, 3]

@@ -54,7 +54,11 @@ def decode(indices: Any, num_domains: int) -> tuple[np.ndarray, np.ndarray]:
     return idx % num_domains, idx // num_domains
 
 
-def open_stream(path: str | Path, transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> Any:
+#: A row's transform, e.g. tokenization.
+Transform = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def open_stream(path: str | Path, transform: Transform | None = None) -> Any:
     """A ``datasets.IterableDataset`` over a local file or a directory of files (read lazily).
 
     ``path``: one ``.jsonl``/``.json``/``.parquet``/``.arrow`` file, or a directory of them
@@ -118,20 +122,24 @@ class _Cursor:
 
     The last ``keep`` rows read are kept: a step's rows are served shuffled, so a domain's
     rows are asked for slightly out of order (and a selector's candidate windows are read
-    ahead of their steps); an earlier row no longer kept restarts the stream.
+    ahead of their steps); an earlier row no longer kept restarts the stream. A
+    ``transform`` (e.g. tokenization) runs when a row is first asked for, not when it is
+    read: the rows other ranks train, and a candidate window's rows a selection skips, are
+    read past but never transformed.
     """
 
-    def __init__(self, name: str, source: Iterable[Any], keep: int) -> None:
+    def __init__(self, name: str, source: Iterable[Any], keep: int, transform: Transform | None = None) -> None:
         self.name = name
         self.source = source
         self.keep = keep
+        self.transform = transform
         self.length: int | None = None  # known once the stream has ended once
         self.restarts = 0
         self._iterator: Iterator[Any] | None = None
         self._owner = 0  # the process that opened the iterator
         self._next = 0  # stream row the iterator yields next
         self._opened_at = 0  # the row the iterator was opened at
-        self._recent: OrderedDict[int, Any] = OrderedDict()
+        self._recent: OrderedDict[int, tuple[bool, Any]] = OrderedDict()  # row: (transformed, packed row)
 
     def __getstate__(self) -> dict[str, Any]:
         # An open stream does not pickle (a spawned data loader worker opens its own).
@@ -148,10 +156,20 @@ class _Cursor:
         self._opened_at = self._next
 
     def row(self, position: int) -> Any:
-        """The stream's row at ``position``."""
-        row = position if self.length is None else position % self.length
+        """The stream's row at ``position`` (transformed, if the cursor has a transform)."""
+        row = self._read(position if self.length is None else position % self.length)
+        transformed, kept = self._recent[row]
+        if transformed or self.transform is None:
+            return _unpack(kept)
+        value = self.transform(_unpack(kept))  # once per row kept, and only for rows asked for
+        self._recent[row] = (True, _pack(value))
+        return value
+
+    def _read(self, row: int) -> int:
+        """Read the stream to ``row`` unless it is kept; the row's key in the kept rows (its
+        position in the stream, which a stream found to end sooner wraps)."""
         if row in self._recent:
-            return _unpack(self._recent[row])
+            return row
         # A forked data loader worker opens its own stream: an iterator opened by the parent
         # (e.g. to read a candidate window) shares its open files, and their read offsets.
         if self._iterator is None or row < self._next or self._owner != os.getpid():
@@ -174,15 +192,15 @@ class _Cursor:
                 )
                 row %= self.length
                 if row in self._recent:
-                    return _unpack(self._recent[row])
+                    return row
                 self._restart(row)
                 continue
-            self._recent[self._next] = _pack(value)
+            self._recent[self._next] = (False, _pack(value))
             if len(self._recent) > self.keep:
                 self._recent.popitem(last=False)
             self._next += 1
             if self._next - 1 == row:
-                return value
+                return row
 
 
 class StreamedDomains(torch.utils.data.Dataset):
@@ -197,25 +215,34 @@ class StreamedDomains(torch.utils.data.Dataset):
         keep: rows of each stream kept after they are read; a steered Trainer raises it to
             what its steps need at once (:meth:`hold_rows`). A row asked for after it is no
             longer kept restarts the stream.
+        transform: turns a row, when it is first asked for, into the row the data collator
+            gets (e.g. tokenization); rows read past are never transformed.
     """
 
-    def __init__(self, streams: Mapping[str, Iterable[Any]], length: int = 2**40, keep: int = 1024) -> None:
+    def __init__(
+        self,
+        streams: Mapping[str, Iterable[Any]],
+        length: int = 2**40,
+        keep: int = 1024,
+        transform: Transform | None = None,
+    ) -> None:
         if not streams:
             raise ConfigError("streams: name at least one domain stream")
         if keep < 1:
             raise ConfigError(f"keep: must be >= 1, got {keep}")
         self.domain_names: tuple[str, ...] = tuple(streams)
-        self._cursors = [_Cursor(name, source, keep) for name, source in streams.items()]
+        self._cursors = [_Cursor(name, source, keep, transform) for name, source in streams.items()]
         self._length = length
 
     @classmethod
     def from_paths(
         cls,
         paths: Mapping[str, str | Path],
-        transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        transform: Transform | None = None,
     ) -> StreamedDomains:
-        """One :func:`open_stream` per domain: ``{domain name: file or directory}``."""
-        return cls({name: open_stream(path, transform) for name, path in paths.items()})
+        """One :func:`open_stream` per domain: ``{domain name: file or directory}``, with
+        ``transform`` (e.g. tokenization) applied to the rows asked for."""
+        return cls({name: open_stream(path) for name, path in paths.items()}, transform=transform)
 
     @property
     def num_domains(self) -> int:
