@@ -14,7 +14,11 @@ its domain and its position in that domain's stream, ``index = position * K + do
   step, so the ranks train disjoint rows, and 2 processes train exactly the rows of 1;
 * a stream is read forward once per process: each rank reads past the rows the other
   ranks train (a sequential read, no random access), and only the rows in flight are in
-  memory. A stream that ends starts over (the next pass of that domain).
+  memory. A stream that ends starts over (the next pass of that domain);
+* a selector composed under the mixer chooses from a candidate window of each stream (the
+  next rows, a multiple of the domain's share) instead of a pool; the rows it skips are
+  read past, and a ``transform`` given here (e.g. tokenization) runs only on the rows
+  asked for.
 
 Rows are read in the stream's order (shuffle the source, e.g. ``IterableDataset.shuffle``
 with a buffer, for another order): the stream is the data's order, the mixture decides
