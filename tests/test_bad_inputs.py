@@ -406,7 +406,7 @@ CASES = [
     ),
     Case(
         "streaming-moe",
-        r"dynamic_moe: this mixer evaluates the model on pool rows",
+        r"datasteer.params.source: dynamic_moe with source .auto. may measure training rows .* set source: eval",
         ("streaming=true",),
         example="mix_dynamic_moe.yaml",
     ),

@@ -162,7 +162,7 @@ def test_the_stream_positions_survive_a_resume() -> None:
         ({"paradigm": "mix", "algorithm": "static"}, None, "max_steps"),
         ({"paradigm": "weight", "algorithm": "loss"}, 10, "need a mix stage"),
         ({"paradigm": "select", "algorithm": "random"}, 10, "need a mix stage"),
-        ({"paradigm": "mix", "algorithm": "dynamic_moe"}, 10, "pool rows"),
+        ({"paradigm": "mix", "algorithm": "dynamic_moe"}, 10, "set source: eval"),
     ],
 )
 def test_streamed_domains_are_refused_where_they_cannot_work(

@@ -46,7 +46,7 @@ STATE_VERSION = 2
 def check_streamable(plan: SteeringPlan, steps: int | None) -> None:
     """ConfigError unless ``plan`` can steer streamed domains for ``steps`` steps: a mix stage
     decides which stream each sample comes from, a selector chooses from candidate windows
-    of the streams, and no stage needs the whole pool."""
+    of the streams, and no stage needs the whole pool (each algorithm's ``check_streams``)."""
     if steps is None or steps < 1:
         raise ConfigError("max_steps: streamed domains have no length; set max_steps > 0")
     if "mix" not in plan.algorithms:
@@ -63,11 +63,8 @@ def check_streamable(plan: SteeringPlan, steps: int | None) -> None:
                 "and a last selection cannot serve a stream for the rest of the run; drop max_updates"
             )
     mixer = plan.algorithms["mix"]
-    if isinstance(mixer, Mixer) and mixer.needs_pool:
-        raise ConfigError(
-            f"{plan.config.stages['mix'].algorithm}: this mixer evaluates the model on pool rows of each "
-            "domain, which streamed domains do not hold; set streaming: false"
-        )
+    if isinstance(mixer, Mixer):
+        mixer.check_streams()
 
 
 class SteeringController:

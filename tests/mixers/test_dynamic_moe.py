@@ -13,7 +13,7 @@ from datasteer.config import parse_dataclass
 from datasteer.errors import ConfigError
 from datasteer.hf import SteeringTrainer
 from datasteer.mixers.dynamic_moe import DynamicMoEMixer, DynamicMoEParams, load_distances, update_weights
-from tests.factories import make_dataset, make_moe_model, mix_context, steering_records, training_args
+from tests.factories import make_dataset, make_moe_model, make_streams, mix_context, steering_records, training_args
 from tests.fakes import FakeOps
 
 R2 = math.sqrt(2.0)
@@ -32,6 +32,8 @@ def by_hand(w: list[float], delta: list[float], eta: float, c: float) -> list[fl
     return [(1 - c) * x / sum(e) + c / len(w) for x in e]
 
 
+#: Held-out rows of each domain (an evaluation set named like the domain).
+EVAL_SIZES = {"alpha": (3, 0, 0), "beta": (0, 3, 0), "gamma": (0, 0, 3)}
 #: Domain ids of the 15 pool rows (6, 5 and 4 rows).
 DOMAINS = torch.repeat_interleave(torch.arange(3), torch.tensor([6, 5, 4]))
 
@@ -211,6 +213,29 @@ def test_trains_a_tiny_moe_with_frozen_routers(tmp_path: Path) -> None:
     assert isinstance(mixer, DynamicMoEMixer) and mixer.source_used == "pool"
     assert list(records[-1]["proportions"].values()) == pytest.approx(mixer.weights.tolist(), abs=1e-8)
     assert [h["update"] for h in mixer.history] == [0, 1]
+    assert len({tuple(r["proportions"].values()) for r in records}) == 2
+
+
+def test_mixes_streamed_domains_from_an_evaluation_set_per_domain(tmp_path: Path) -> None:
+    """Streams hold no pool rows to measure: with source eval the expert loads come from
+    the per-domain evaluation sets, and the mixture moves; other sources are refused."""
+    streaming = {"paradigm": "mix", "algorithm": "dynamic_moe", "warmup_steps": 2, "update_every": 2}
+    evals = {d: make_dataset(n, seed=1).remove_columns("domain") for d, n in EVAL_SIZES.items()}
+    args = training_args(tmp_path, per_device_train_batch_size=4, max_steps=6, save_strategy="no")
+    common = {"args": args, "data_collator": default_data_collator, "eval_dataset": evals}
+    with pytest.raises(ConfigError, match="set source: eval"):
+        SteeringTrainer(
+            model=make_moe_model(), train_dataset=make_streams(tmp_path / "s0"), steering=streaming, **common
+        )
+    steering = {**streaming, "params": {"source": "eval", "samples_per_domain": 3}}
+    trainer = SteeringTrainer(
+        model=make_moe_model(), train_dataset=make_streams(tmp_path / "s"), steering=steering, **common
+    )
+    trainer.train()
+    mixer = trainer.steering.plan.mixer
+    assert isinstance(mixer, DynamicMoEMixer) and mixer.source_used == "eval"
+    records = [r for r in steering_records(tmp_path / "steering.jsonl") if r["update"] >= 0]
+    assert [r["first_step"] for r in records] == [3, 5]
     assert len({tuple(r["proportions"].values()) for r in records}) == 2
 
 

@@ -108,14 +108,16 @@ class Mixer(Algorithm[Any]):
 
     #: False for mixers whose proportions never change: the driver then skips updates.
     adaptive: ClassVar[bool] = True
-    #: True for mixers that read pool rows of each domain (``MixContext.domains``): streamed
-    #: domains (:mod:`datasteer.streams`) have none, and refuse them.
-    needs_pool: ClassVar[bool] = False
 
     def report(self) -> dict[str, torch.Tensor | float]:
         """Statistics behind the latest proportions, added to each update's record; ``(K,)``
         tensors are written per domain."""
         return {}
+
+    def check_streams(self) -> None:
+        """Raise a ConfigError if this mixer cannot mix streamed domains (:mod:`datasteer.streams`),
+        e.g. because it evaluates the model on pool rows of each domain, which streams do not
+        hold. Called before any model loads."""
 
     def check_domains(self, domain_names: Sequence[str]) -> None:
         """Validate params that depend on the domains (e.g. their number); ConfigError if not."""

@@ -112,7 +112,14 @@ class DynamicMoEMixer(Mixer):
 
     Params = DynamicMoEParams
     needs_model = True
-    needs_pool = True
+
+    def check_streams(self) -> None:
+        if self.params.source != "eval":
+            raise ConfigError(
+                f"datasteer.params.source: dynamic_moe with source {self.params.source!r} may measure training "
+                "rows of each domain, which streamed domains do not hold; set source: eval (an evaluation set "
+                "per domain, named <domain> or <domain>_eval) or streaming: false"
+            )
 
     def __init__(self, params: DynamicMoEParams) -> None:
         super().__init__(params)
