@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from datasteer.algorithm import Algorithm, UpdateContext
-from datasteer.errors import SteeringStateError
+from datasteer.errors import ConfigError, SteeringStateError
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,15 @@ def candidate_count(selected: int, fraction: float) -> int:
 
 #: Candidate rows per selected row in a streamed run's windows, for selectors without their own ratio.
 DEFAULT_WINDOW_RATIO = 4.0
+
+
+def refuse_streams(name: str, why: str) -> ConfigError:
+    """The error of a selector that needs the whole pool, which streamed domains never hold
+    (raised by its :meth:`Selector.check_streams`); ``why`` says what it needs it for."""
+    return ConfigError(
+        f"datasteer.select: {name} cannot choose from streamed domains: {why}; give a map-style training set "
+        "(streaming: false)"
+    )
 
 
 class PoolPasses:

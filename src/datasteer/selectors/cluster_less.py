@@ -16,7 +16,7 @@ from datasteer.finite import finite_rows
 from datasteer.ops.clustering import CLUSTER_METHODS, ClusterMethod, cluster
 from datasteer.ops.embeddings import Pooling
 from datasteer.registry import SELECTORS
-from datasteer.selectors.base import SelectContext, Selector
+from datasteer.selectors.base import SelectContext, Selector, refuse_streams
 from datasteer.selectors.less import GradientFeatureParams, finite_scores, target_gradient_features
 
 logger = logging.getLogger(__name__)
@@ -140,13 +140,10 @@ class ClusterLessSelector(Selector):
     """
 
     Params = ClusterLessParams
+    needs_model = True
 
     def check_streams(self) -> None:
-        raise ConfigError(
-            "datasteer.select: cluster_less cannot choose from streamed domains: it clusters the whole pool once, and a stream is never held whole; give a map-style training set (streaming: false)"
-        )
-
-    needs_model = True
+        raise refuse_streams("cluster_less", "it clusters the whole pool once, and a stream is never held whole")
 
     def __init__(self, params: ClusterLessParams) -> None:
         super().__init__(params)

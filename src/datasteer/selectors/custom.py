@@ -50,7 +50,8 @@ class CustomSelector(Plugin, Selector):
 
     The drivers run the user's instance itself; ``select``, ``check_within_domains``,
     ``check_streams``, ``reset_pool``, ``window_ratio``, ``prepare_model``, ``state_dict`` /
-    ``load_state_dict`` and ``needs_model`` are delegated for callers that hold this wrapper. See ``examples/custom_selector.py``.
+    ``load_state_dict`` and ``needs_model`` are delegated for callers that hold this
+    wrapper. See ``examples/custom_selector.py``.
     """
 
     Params = CustomParams

@@ -11,7 +11,7 @@ import torch
 from datasteer.config import doc
 from datasteer.errors import ConfigError, NonFiniteInputError
 from datasteer.registry import SELECTORS
-from datasteer.selectors.base import SelectContext, Selector
+from datasteer.selectors.base import SelectContext, Selector, refuse_streams
 
 
 @dataclass
@@ -70,13 +70,14 @@ class DeltaLossSelector(Selector):
     """
 
     Params = DeltaLossParams
+    needs_model = True
 
     def check_streams(self) -> None:
-        raise ConfigError(
-            "datasteer.select: delta_loss cannot choose from streamed domains: it compares each sample's loss with its loss at warm-up, and a stream's candidate windows are new rows at every update; give a map-style training set (streaming: false)"
+        raise refuse_streams(
+            "delta_loss",
+            "it compares each sample's loss with its loss at warm-up, and "
+            "a stream's candidate windows are new rows at every update",
         )
-
-    needs_model = True
 
     def __init__(self, params: DeltaLossParams) -> None:
         super().__init__(params)

@@ -15,7 +15,7 @@ from datasteer.config import doc
 from datasteer.errors import ConfigError, SteeringStateError
 from datasteer.ops.prepared import embedding_settings, pool_fingerprint, read_prepared, row_token_ids
 from datasteer.registry import SELECTORS
-from datasteer.selectors.base import SelectContext, Selector
+from datasteer.selectors.base import SelectContext, Selector, refuse_streams
 
 logger = logging.getLogger(__name__)
 
@@ -192,8 +192,8 @@ class TsdsSelector(Selector):
         )
 
     def check_streams(self) -> None:
-        raise ConfigError(
-            "datasteer.select: tsds cannot choose from streamed domains: it draws from probabilities prepared over the whole pool, and a stream is never held whole; give a map-style training set (streaming: false)"
+        raise refuse_streams(
+            "tsds", "it draws from probabilities prepared over the whole pool, and a stream is never held whole"
         )
 
     # The model is not run: the pool and target rows are read to check the fingerprint.
