@@ -59,9 +59,12 @@ def make_dataset(sizes: tuple[int, ...] = (40, 24, 16), seed: int = 0) -> Datase
     return Dataset.from_dict(rows)
 
 
-def make_streams(folder: Path, sizes: tuple[int, ...] = (40, 24, 16), seed: int = 0) -> StreamedDomains:
+def make_streams(
+    folder: Path, sizes: tuple[int, ...] = (40, 24, 16), seed: int = 0, keep: int = 1024
+) -> StreamedDomains:
     """:func:`make_dataset`'s rows written as one jsonl file per domain, read back as streams
-    (row ``i`` of a domain's file is the ``i``-th row of that domain in ``make_dataset``)."""
+    (row ``i`` of a domain's file is the ``i``-th row of that domain in ``make_dataset``)
+    that keep ``keep`` rows each."""
     folder.mkdir(parents=True, exist_ok=True)
     rows = make_dataset(sizes, seed).to_list()
     paths = {}
@@ -71,7 +74,7 @@ def make_streams(folder: Path, sizes: tuple[int, ...] = (40, 24, 16), seed: int 
             for row in rows:
                 if row["domain"] == name:
                     f.write(json.dumps({k: v for k, v in row.items() if k != "domain"}) + "\n")
-    return StreamedDomains.from_paths(paths)
+    return StreamedDomains.from_paths(paths, keep=keep)
 
 
 def select_context(

@@ -104,6 +104,19 @@ def test_open_stream_reads_a_directory_in_name_order(tmp_path: Path) -> None:
     assert [r["y"] for r in open_stream(tmp_path, lambda row: {"y": row["x"] * 10})] == [10, 20, 30, 40]
 
 
+def test_streams_from_paths_transform_only_the_rows_asked_for(tmp_path: Path) -> None:
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"x": r}) + "\n" for r in range(8)))
+    seen: list[int] = []
+
+    def scale(row: dict[str, Any]) -> dict[str, Any]:
+        seen.append(row["x"])
+        return {"y": row["x"] * 10}
+
+    streams = StreamedDomains.from_paths({"a": tmp_path / "a.jsonl"}, transform=scale)
+    assert [streams[1], streams[6], streams[6]] == [{"y": 10}, {"y": 60}, {"y": 60}]
+    assert seen == [1, 6]  # rows 0 and 2-5 were read past, never transformed
+
+
 def test_open_stream_refuses_what_it_cannot_read(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such file"):
         open_stream(tmp_path / "missing")

@@ -243,10 +243,13 @@ class StreamedDomains(torch.utils.data.Dataset):
         cls,
         paths: Mapping[str, str | Path],
         transform: Transform | None = None,
+        keep: int = 1024,
     ) -> StreamedDomains:
         """One :func:`open_stream` per domain: ``{domain name: file or directory}``, with
-        ``transform`` (e.g. tokenization) applied to the rows asked for."""
-        return cls({name: open_stream(path) for name, path in paths.items()}, transform=transform)
+        ``transform`` (e.g. tokenization) applied to the rows asked for; ``keep`` as in the
+        constructor."""
+        streams = {name: open_stream(path) for name, path in paths.items()}
+        return cls(streams, keep=keep, transform=transform)
 
     @property
     def num_domains(self) -> int:

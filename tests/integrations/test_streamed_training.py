@@ -74,6 +74,23 @@ def test_a_selector_on_streams_trains_rows_of_its_candidate_windows(tmp_path: Pa
     check_windows(trainer.served(), selections, 3.0)  # stream_window: 3
 
 
+def test_a_steered_trainer_keeps_the_rows_its_windows_have_in_flight(tmp_path: Path) -> None:
+    from tests.factories import make_model, training_args
+    from transformers import default_data_collator
+
+    from datasteer.hf import SteeringTrainer
+
+    streams = make_streams(tmp_path / "s", keep=1)
+    args = training_args(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=7)
+    trainer = SteeringTrainer(
+        model=make_model(), args=args, train_dataset=streams, data_collator=default_data_collator, steering=SELECT
+    )
+    assert trainer.steering is not None
+    # windows of 3 x (8 rows x 2 steps) = 48 rows, 2 in flight (lag 1), plus a step's 8 rows
+    assert trainer.steering.stream_rows == 2 * 48 + 8
+    assert [c.keep for c in streams._cursors] == [104, 104, 104]
+
+
 #: Selectors that read the model (and target sets) on streams, each with small settings, and
 #: the window ratio it gets (its own for greats: 1 / fraction).
 MODEL_SELECTORS = {
